@@ -1,0 +1,1 @@
+"""score_jax: SCoRe (multi-turn RL for self-correction) in JAX."""
