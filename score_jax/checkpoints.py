@@ -1,0 +1,140 @@
+"""Orbax checkpoints: periodic async saves, resume from the latest complete one, a save on
+SIGTERM, and params-only exports that hand one stage's weights to the next.
+
+Layout under a run directory:
+    checkpoints/<step>/state   train state (params, optimiser state, step)
+    checkpoints/<step>/extra   JSON: data-iterator position, seed, anything the job needs
+    export/                    params only (written at the end of a run)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+EXPORT_DIR = "export"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Manager:
+    """Saves and restores ``(train state, extra JSON)`` pairs under ``<workdir>/checkpoints``."""
+
+    def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
+        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.every_steps = every_steps
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=True)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
+        """Saves when ``step`` is on the save interval (or ``force``); returns whether it did."""
+        if not force and (self.every_steps <= 0 or step % self.every_steps):
+            return False
+        if step in self._mgr.all_steps():
+            return False
+        self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+        return True
+
+    def restore_latest(self, abstract_state):
+        """(step, state, extra) from the newest checkpoint that restores, or None.
+
+        A checkpoint that fails to restore (partial copy, deleted or truncated files) is moved
+        aside to ``<step>.corrupt`` with a warning and the next older one is tried.
+        """
+        for step in sorted(self._mgr.all_steps(), reverse=True):
+            try:
+                out = self._mgr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+                return step, out["state"], out["extra"]
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                bad = self.directory / str(step)
+                logging.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and "
+                                "trying an older one.", bad, type(e).__name__, str(e)[:200], bad)
+                if jax.process_index() == 0 and bad.exists():
+                    os.replace(bad, f"{bad}.corrupt.{int(time.time())}")
+                self._mgr.reload()
+        return None
+
+    def wait(self):
+        self._mgr.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-host: whether every host agreed to stop at this step (jax.distributed)."""
+        return jax.process_count() > 1 and self._mgr.reached_preemption(step)
+
+    def close(self):
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+
+class StopRequest:
+    """Turns SIGTERM (what a TPU preemption or ``kill`` sends) into a flag the loop polls,
+    so the loop can checkpoint and exit cleanly instead of dying mid-step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def export_params(path: str, params) -> None:
+    """Writes params only (no optimiser state) to ``path``, replacing an older export."""
+    path = epath.Path(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params, force=True)
+
+
+def load_params(path: str, abstract_params, how_to_create: str = "") -> dict:
+    """Restores an export onto ``abstract_params`` (ShapeDtypeStructs with shardings), so an
+    export written on one mesh loads onto any other."""
+    path = epath.Path(path)
+    if not (path / "_CHECKPOINT_METADATA").exists() and not (path / "_METADATA").exists():
+        hint = f" Create it with: {how_to_create}" if how_to_create else ""
+        raise FileNotFoundError(f"No params export found at {path}.{hint}")
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, abstract_params)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"The export at {path} does not match this model config "
+                             f"(different preset or shapes?): {e}") from e
+
+
+def params_digest(params) -> str:
+    """SHA-256 over every parameter's bytes in sorted path order (bitwise identity check)."""
+    h = hashlib.sha256()
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,75 @@
+"""Where a run reports: TensorBoard event files, a console progress line, JSON files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Writer:
+    """TensorBoard scalars (process 0 only) under ``<workdir>/tensorboard``, plus a console
+    line: step, loss, steps/s, tokens/s, ETA."""
+
+    def __init__(self, workdir: str, total_steps: int, first_step: int = 0, stream=sys.stdout):
+        self.total_steps = total_steps
+        self.stream = stream
+        self._t0, self._step0 = time.perf_counter(), first_step
+        self._tb = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self._tb is None:
+            return
+        for k, v in values.items():
+            v = float(np.asarray(v))
+            if math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+
+    def progress(self, step: int, values: dict) -> dict:
+        """Prints one progress line and returns the rates it computed."""
+        elapsed = time.perf_counter() - self._t0
+        done = step - self._step0
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        shown = " | ".join(f"{k} {float(np.asarray(v)):.4g}" for k, v in values.items())
+        if jax.process_index() == 0:
+            print(f"step {step}/{self.total_steps} | {shown} | {rate:.2f} steps/s | "
+                  f"ETA {_fmt_duration(eta)}", file=self.stream, flush=True)
+        return {"steps_per_s": rate}
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (process 0 only): a reader never sees half a file."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(x).tolist()
+    raise TypeError(f"Not JSON serialisable: {type(x)}")

@@ -1,0 +1,392 @@
+"""A decoder-only transformer in Flax NNX covering Llama 3.x, Qwen 2.5/3 and Gemma 2/3.
+
+Dimension letters used in every einsum and shape comment:
+    B batch        T query length      S key length (cache slots)
+    D d_model      N query heads       K key/value heads    G query heads per KV head (N / K)
+    H head dim     F MLP width         V vocabulary         L layers
+
+Parameters carry logical axis names in their ``axes`` metadata; ``score_jax.sharding.RULES``
+maps them to mesh axes. Layer parameters are stacked along a leading ``layers`` axis, so the
+same checkpoint serves a scanned or an unrolled forward.
+
+Attention masks are built from token *positions*, not slot indices: a query at position p
+sees every filled key slot whose position is <= p (and > p - window on sliding layers). Empty
+and padding slots hold position -1. This is what lets the sampler append the correction
+instruction right after each sequence's own first attempt, whatever its length, in one cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from score_jax import sharding
+
+GLOBAL_WINDOW = 1 << 30  # "no sliding window"
+_NEG_INF = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every architecture knob; presets live in configs/models.py."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str = "silu"  # gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    norm_eps: float = 1e-6
+    norm_plus_one: bool = False  # Gemma: scale = 1 + w, w initialised at 0
+    sandwich_norm: bool = False  # Gemma 2/3: extra norms after attention and after the MLP
+    rope_theta: float = 10_000.0
+    rope_local_theta: float = 0.0  # Gemma 3 sliding layers; 0 = same as rope_theta
+    rope_scaling: str = "none"  # none | llama3 | linear (linear applies to global layers only)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    query_scale: float = 0.0  # attention scale is query_scale**-0.5; 0 = head_dim
+    attn_softcap: float = 0.0  # 0 = off
+    final_softcap: float = 0.0
+    sliding_window: int = 0  # 0 = every layer global
+    layer_pattern: str = "G"  # repeated over layers: L = sliding-window layer, G = global
+    tie_embeddings: bool = True
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; choose one of {sorted(_ACTIVATIONS)}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        if self.rope_scaling not in ("none", "llama3", "linear"):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose none, llama3 or linear.")
+        if not self.layer_pattern or set(self.layer_pattern) - {"L", "G"}:
+            raise ValueError(f"layer_pattern={self.layer_pattern!r} must be a non-empty string of L and G.")
+        if "L" in self.layer_pattern and self.sliding_window <= 0:
+            raise ValueError("layer_pattern has sliding (L) layers but sliding_window is 0.")
+
+    def layer_is_local(self) -> np.ndarray:
+        """[L] bool: which layers use the sliding window."""
+        p = self.layer_pattern
+        return np.array([p[i % len(p)] == "L" for i in range(self.num_layers)])
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, stack: tuple[int, ...], dtype) -> nnx.Param:
+    lead = ("layers",) * len(stack)
+    return nnx.Param(init(rngs.params(), stack + tuple(shape), dtype), axes=lead + tuple(axes))
+
+
+def _dense_init(fan_in: int):
+    return nnx.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, stack=()):
+        init = nnx.initializers.zeros if cfg.norm_plus_one else nnx.initializers.ones
+        self.scale = _param(rngs, init, (dim,), ("norm",), stack, jnp.dtype(cfg.param_dtype))
+        self.eps, self.plus_one = cfg.norm_eps, cfg.norm_plus_one
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        return (xf * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=()):
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.q = _param(rngs, _dense_init(D), (D, N, H), ("embed", "heads", "head_dim"), stack, pd)
+        self.k = _param(rngs, _dense_init(D), (D, K, H), ("embed", "kv_heads", "head_dim"), stack, pd)
+        self.v = _param(rngs, _dense_init(D), (D, K, H), ("embed", "kv_heads", "head_dim"), stack, pd)
+        self.o = _param(rngs, _dense_init(N * H), (N, H, D), ("heads", "head_dim", "embed"), stack, pd)
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, zeros, (N, H), ("heads", "head_dim"), stack, pd)
+            self.k_bias = _param(rngs, zeros, (K, H), ("kv_heads", "head_dim"), stack, pd)
+            self.v_bias = _param(rngs, zeros, (K, H), ("kv_heads", "head_dim"), stack, pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg, rngs, stack)
+            self.k_norm = RMSNorm(H, cfg, rngs, stack)
+        self.cfg = cfg
+
+    def __call__(self, x, sin, cos, q_pos, window, cache_kv, k_pos, index):
+        """x [B,T,D]; sin/cos [B,T,H/2]; q_pos [B,T]; window scalar int;
+        cache_kv None or (k, v) each [B,S,K,H]; k_pos [B,S] (or [B,T] without cache);
+        index: scalar slot where this call's T tokens are written. Returns ([B,T,D], cache_kv)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, sin, cos), _rope(k, sin, cos)
+        q = sharding.constrain(q, ("batch", "length", "act_heads", None))
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            cache_kv = (ck, cv)
+            k, v = ck.astype(dt), cv.astype(dt)
+        B, T, N, H = q.shape
+        K = k.shape[2]
+        q = q.reshape(B, T, K, N // K, H)
+        scale = (cfg.query_scale or cfg.head_dim) ** -0.5
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q * jnp.asarray(scale, dt), k).astype(jnp.float32)
+        if cfg.attn_softcap:
+            logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+        qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
+        mask = (kp >= 0) & (kp <= qp) & (qp - kp < window)  # [B,T,S]
+        logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), cache_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=()):
+        D, F, pd = cfg.d_model, cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
+        self.gate = _param(rngs, _dense_init(D), (D, F), ("embed", "mlp"), stack, pd)
+        self.up = _param(rngs, _dense_init(D), (D, F), ("embed", "mlp"), stack, pd)
+        self.down = _param(rngs, _dense_init(F), (F, D), ("mlp", "embed"), stack, pd)
+        self.act = cfg.activation
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):  # [B,T,D] -> [B,T,D]
+        dt = self.dtype
+        g = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
+        u = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
+        h = sharding.constrain(_ACTIVATIONS[self.act](g) * u, ("batch", "length", "act_mlp"))
+        return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer; built with ``stack=(L,)`` it holds all L layers' weights."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=()):
+        D = cfg.d_model
+        self.attn_norm = RMSNorm(D, cfg, rngs, stack)
+        self.attn = Attention(cfg, rngs, stack)
+        self.mlp_norm = RMSNorm(D, cfg, rngs, stack)
+        self.mlp = MLP(cfg, rngs, stack)
+        if cfg.sandwich_norm:
+            self.post_attn_norm = RMSNorm(D, cfg, rngs, stack)
+            self.post_mlp_norm = RMSNorm(D, cfg, rngs, stack)
+        self.sandwich = cfg.sandwich_norm
+
+    def __call__(self, x, sin, cos, q_pos, window, cache_kv, k_pos, index):
+        h, cache_kv = self.attn(self.attn_norm(x), sin, cos, q_pos, window, cache_kv, k_pos, index)
+        if self.sandwich:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.sandwich:
+            h = self.post_mlp_norm(h)
+        x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
+        return x, cache_kv
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool) -> np.ndarray:
+    """[H/2] inverse frequencies, with Llama 3 or linear scaling where the config asks."""
+    theta = cfg.rope_local_theta if (local and cfg.rope_local_theta) else cfg.rope_theta
+    inv = 1.0 / theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    if cfg.rope_scaling == "linear" and not local:
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        low_wavelen = cfg.rope_original_max_pos / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_pos / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (cfg.rope_original_max_pos / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        mid = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+        inv = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, np.where(wavelen < high_wavelen, inv, mid))
+    return inv.astype(np.float32)
+
+
+def _sin_cos(positions: jax.Array, inv_freq: np.ndarray):
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,H/2]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def _rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotates halves of the head dim (the Hugging Face layout). x [B,T,*,H]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    s, c = sin[:, :, None, :], cos[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        V, D, pd = cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Param(nnx.initializers.normal(stddev=D ** -0.5)(rngs.params(), (V, D), pd),
+                               axes=("vocab", "embed"))
+        self.blocks = Block(cfg, rngs, stack=(cfg.num_layers,))
+        self.final_norm = RMSNorm(D, cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(_dense_init(D)(rngs.params(), (D, V), pd), axes=("embed", "vocab"))
+        self.cfg = cfg
+
+    def __call__(self, tokens, positions, valid=None, cache=None):
+        """Logits [B,T,V] (float32) for tokens [B,T] at positions [B,T].
+
+        valid [B,T] bool marks real tokens (default all); padding is never attended to.
+        With ``cache`` (see ``init_cache``) the T tokens are written at slot ``cache['index']``
+        and attend to everything already cached; the updated cache is returned (else None).
+        """
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        new_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B,T,D]
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+
+        if cache is None:
+            k_pos, index, cache_k, cache_v = new_pos, 0, None, None
+        else:
+            index = cache["index"]
+            k_pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, index))
+            cache_k, cache_v = cache["k"], cache["v"]
+        local = jnp.asarray(cfg.layer_is_local())
+        windows = jnp.where(local, cfg.sliding_window, GLOBAL_WINDOW)
+        sc_global = _sin_cos(positions, rope_inv_freq(cfg, local=False))
+        sc_local = _sin_cos(positions, rope_inv_freq(cfg, local=True))
+
+        graphdef, layer_state = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            state, is_local, window, ck, cv = xs
+            sin = jnp.where(is_local, sc_local[0], sc_global[0])
+            cos = jnp.where(is_local, sc_local[1], sc_global[1])
+            kv = None if ck is None else (ck, cv)
+            x, kv = nnx.merge(graphdef, state)(x, sin, cos, positions, window, kv, k_pos, index)
+            return x, (None, None) if kv is None else kv
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+        xs = (layer_state, local, windows, cache_k, cache_v)
+        if cfg.scan_layers:
+            x, (new_k, new_v) = jax.lax.scan(layer, x, xs)
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                x, kv = layer(x, jax.tree.map(lambda a: a[i], xs))
+                outs.append(kv)
+            new_k = None if cache is None else jnp.stack([o[0] for o in outs])
+            new_v = None if cache is None else jnp.stack([o[1] for o in outs])
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt)).astype(jnp.float32)
+        if cfg.final_softcap:
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+        logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
+        if cache is None:
+            return logits, None
+        T = tokens.shape[1]
+        return logits, {"k": new_k, "v": new_v, "pos": k_pos, "index": index + T}
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+@functools.lru_cache(maxsize=None)
+def _skeleton(cfg: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, state
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Nested dict of jax.ShapeDtypeStruct; nothing is allocated."""
+    return nnx.to_pure_dict(_skeleton(cfg)[1])
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Nested dict of logical axis-name tuples, matching ``param_shapes``."""
+    flat = {path: var.get_metadata()["axes"] for path, var in _skeleton(cfg)[1].flat_state()}
+    return nnx.traversals.unflatten_mapping(flat)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+    return sharding.tree_shardings(mesh, param_axes(cfg), param_shapes(cfg))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh=None) -> dict:
+    """Random parameters as a nested dict, created already sharded over ``mesh``."""
+    def make(key):
+        return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(params=key)), nnx.Param))
+    out = None if mesh is None else param_shardings(cfg, mesh)
+    return jax.jit(make, out_shardings=out)(key)
+
+
+def bind(cfg: ModelConfig, params: dict) -> Transformer:
+    """The NNX module holding ``params`` (no copy); callable inside or outside jit."""
+    graphdef, abstract = _skeleton(cfg)
+    state = jax.tree.map(lambda v: v, abstract)  # fresh State; _skeleton's stays abstract
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def forward(cfg: ModelConfig, params: dict, tokens, positions, valid=None, cache=None):
+    """Functional call: see ``Transformer.__call__``."""
+    return bind(cfg, params)(tokens, positions, valid, cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
+    """An empty KV cache: k, v [L,B,S,K,H], pos [B,S] = -1, index 0."""
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "pos": jnp.full((batch, length), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+CACHE_AXES = {"k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"),
+              "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"),
+              "pos": ("cache_batch", "cache_length"), "index": ()}

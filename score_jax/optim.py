@@ -1,0 +1,73 @@
+"""The optax chain: clip by global norm, AdamW, warmup then cosine or constant, gradient
+accumulation, and non-finite updates skipped and counted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float
+    schedule: str  # cosine | constant
+    warmup_steps: int
+    end_lr_fraction: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_norm: float
+    grad_accum_steps: int
+    max_nonfinite_steps: int
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule={self.schedule!r}; choose cosine or constant.")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate by optimiser update (= train step // grad_accum_steps)."""
+    updates = max(1, total_steps // cfg.grad_accum_steps)
+    warmup = min(cfg.warmup_steps, updates - 1)
+    if cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+             optax.constant_schedule(cfg.learning_rate)], [warmup])
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup, max(updates, warmup + 1),
+        end_value=cfg.learning_rate * cfg.end_lr_fraction)
+
+
+def decay_mask(axes_tree) -> dict:
+    """Weight decay on matrices only (anything with an ``embed`` axis), not norms or biases."""
+    return jax.tree.map(lambda axes: "embed" in axes, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def make(cfg: OptimConfig, total_steps: int, axes_tree=None) -> optax.GradientTransformation:
+    """The full transformation. Non-finite updates are skipped by ``apply_if_finite``; the
+    caller stops training after ``max_nonfinite_steps`` consecutive ones (see ``nonfinite``)."""
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay,
+                             mask=None if axes_tree is None else decay_mask(axes_tree)))
+    # The error budget is ours to enforce (with a checkpoint and a clear message), so optax's
+    # own fallback of applying the update anyway must never trigger.
+    tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**31 - 1)
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+    return tx
+
+
+def nonfinite(opt_state) -> tuple[jax.Array, jax.Array]:
+    """(consecutive, total) counts of skipped non-finite updates."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        opt_state = opt_state.inner_opt_state
+    assert isinstance(opt_state, optax.ApplyIfFiniteState), type(opt_state)
+    return opt_state.notfinite_count, opt_state.total_notfinite
