@@ -1,0 +1,168 @@
+"""Grain input pipeline: TFDS data source -> shuffled, sharded, tokenised SFT batches.
+
+A source is anything with `__len__` and `__getitem__` returning a record dict, e.g.
+`builder.as_data_source("train")` or `tfds.data_source(name, data_dir=..., split=...)`.
+Records hold `prompt` and `response` texts (str or utf-8 bytes) and, for the toy task, an
+integer `answer`.
+
+Order: the whole source is shuffled with `seed` (a new permutation each epoch), epochs are
+concatenated, and element j of that global stream goes to shard j % shard_count. So step t's
+global batch is stream elements [t*G, (t+1)*G) with G = global_batch_size, and shard k holds
+those with index = k mod shard_count: shards are disjoint and together make the global batch.
+Each process reads only its own records.
+"""
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from score_jax import prompts
+from score_jax import tokenizer as tokenizer_lib
+
+TOO_LONG_MODES = ("error", "skip", "truncate")
+
+
+def _text(record: Mapping[str, Any], field: str, index: int) -> str:
+    if field not in record:
+        raise ValueError(
+            f"Record {index} has no {field!r} field (it has {sorted(record)}); "
+            "rebuild the dataset or point the loader at a source with prompt/response records."
+        )
+    value = record[field]
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype == object:
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"Record {index} field {field!r} is not valid utf-8; fix or rebuild the dataset.") from None
+    if isinstance(value, str):
+        return value
+    raise ValueError(
+        f"Record {index} field {field!r} is {type(value).__name__}, not text; "
+        "rebuild the dataset with Text features."
+    )
+
+
+def tokenize_example(
+    record: Mapping[str, Any],
+    index: int,
+    tokenizer: tokenizer_lib.Tokenizer,
+    *,
+    seq_len: int,
+    too_long: str,
+    integer_answer: bool,
+    render: Callable[[str], str],
+    end_of_turn: str,
+) -> dict[str, np.ndarray] | None:
+    """Renders and tokenises one record into SFT arrays, each int32 [seq_len].
+
+    tokens    = bos, render(prompt), response, end_of_turn, eos, then pad_id up to seq_len.
+    loss_mask = 1 where the token is a target to learn: the response, end_of_turn and eos
+                tokens. It is aligned with `tokens` (not shifted): a trainer predicting
+                tokens[:, 1:] from tokens[:, :-1] weights its losses with loss_mask[:, 1:].
+    valid     = 1 on every non-pad position.
+
+    `index` is the record's index in the source, used in errors. Returns None if the example
+    is longer than seq_len and too_long == "skip"; with "truncate" keeps the first seq_len
+    tokens (an example whose prompt fills seq_len then has no targets).
+    """
+    prompt = _text(record, "prompt", index)
+    response = _text(record, "response", index)
+    if integer_answer:
+        answer = _text(record, "answer", index)
+        try:
+            int(answer)
+        except ValueError:
+            raise ValueError(
+                f"Record {index} answer {answer!r} is not an integer; rebuild the dataset, or "
+                "pass integer_answer=False for datasets with free-form answers."
+            ) from None
+    context = [tokenizer.bos_id] + tokenizer.encode(render(prompt))
+    target = tokenizer.encode(response) + tokenizer.encode(end_of_turn) + [tokenizer.eos_id]
+    length = len(context) + len(target)
+    if length > seq_len:
+        if too_long == "error":
+            raise ValueError(
+                f"Record {index} is {length} tokens, longer than seq_len={seq_len}; raise "
+                "seq_len or set too_long='skip' or 'truncate'."
+            )
+        if too_long == "skip":
+            return None
+    ids = (context + target)[:seq_len]
+    n = len(ids)
+    tokens = np.full((seq_len,), tokenizer.pad_id, np.int32)
+    tokens[:n] = ids
+    loss_mask = np.zeros((seq_len,), np.int32)
+    loss_mask[len(context) : n] = 1
+    valid = np.zeros((seq_len,), np.int32)
+    valid[:n] = 1
+    return {"tokens": tokens, "loss_mask": loss_mask, "valid": valid}
+
+
+def sft_loader(
+    source: Sequence[Mapping[str, Any]],
+    tokenizer: tokenizer_lib.Tokenizer,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    too_long: str = "error",
+    num_epochs: int | None = None,
+    integer_answer: bool = True,
+    render: Callable[[str], str] = prompts.render_turn,
+    end_of_turn: str = prompts.END_OF_TURN,
+) -> grain.DatasetIterator:
+    """Returns this shard's iterator of SFT batches; see `tokenize_example` for the arrays.
+
+    Each batch is {"tokens", "loss_mask", "valid"}: int32 [global_batch_size // shard_count,
+    seq_len]. Batches are deterministic given (source, seed, shard_index, shard_count); the
+    last partial batch is dropped; num_epochs=None repeats forever. The iterator's
+    `get_state()` is a JSON-serialisable dict and `set_state(state)` on a fresh loader with
+    the same arguments resumes with exactly the batches an uninterrupted run would yield.
+
+    With too_long="skip", shards drop different numbers of records, so with finite
+    num_epochs processes may see different numbers of batches; use num_epochs=None when
+    several processes train together. Errors from bad records (missing or non-text fields,
+    a non-integer answer, or an over-long example under too_long="error") are raised when
+    the record is read and name its index in the source.
+    """
+    if too_long not in TOO_LONG_MODES:
+        raise ValueError(f"too_long={too_long!r} is not one of {TOO_LONG_MODES}.")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+    if global_batch_size < 1 or global_batch_size % shard_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"shard_count={shard_count}; change the batch size or the number of processes."
+        )
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be at least 2.")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed} must be in [0, 2**32) for grain's shuffle.")
+    size = len(source)
+    if size == 0:
+        raise ValueError("The data source is empty; build the dataset split before loading it.")
+
+    tokenize = functools.partial(
+        tokenize_example,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        too_long=too_long,
+        integer_answer=integer_answer,
+        render=render,
+        end_of_turn=end_of_turn,
+    )
+    ds = grain.MapDataset.source(source)
+    # After repeat the index runs past the source length; the record index is its remainder.
+    ds = ds.map_with_index(lambda i, record: tokenize(record, i % size))
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+    ds = ds[shard_index::shard_count]
+    it = ds.to_iter_dataset().filter(lambda ex: ex is not None)
+    it = it.batch(global_batch_size // shard_count, drop_remainder=True)
+    return iter(it)

@@ -1,0 +1,298 @@
+"""The CPU toy task: integer arithmetic with short step-by-step solutions, as a TFDS builder.
+
+Each example is a dict of three texts:
+    prompt   "What is 347 + 85?"
+    response "7+5=12, write 2 carry 1\n4+8+1=13, write 3 carry 1\n3+0+1=4, write 4\nAnswer: 432"
+    answer   "432"
+
+Problems, in equal shares: addition and subtraction of two 2-3 digit numbers (results may be
+negative), and multiplication of a 2-3 digit number by a digit 2-9. The solution works one
+place value at a time (ones first) and its last line is exactly `Answer: <integer>`. Short
+two-digit problems are easy and three-digit ones with carries or borrows are harder, so a
+few-million-parameter model learns the task in minutes but stays imperfect.
+
+Everything is generated offline from a seed: the same seed and sizes give byte-identical
+array_record files. Test problems are distinct from each other, and no train problem appears
+in test. Building also trains the toy sentencepiece tokenizer on the train split and stores it
+as `tokenizer.model` in the dataset's directory, next to the array_record files.
+"""
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from score_jax import prompts
+from score_jax import tokenizer
+
+TOKENIZER_FILE = "tokenizer.model"
+DEFAULT_SEED = 0
+DEFAULT_TRAIN_SIZE = 20_000
+DEFAULT_TEST_SIZE = 2_000
+DEFAULT_VOCAB_SIZE = 256
+
+# Characters the toy tokenizer always holds, so printable ASCII text encodes losslessly.
+PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))  # Space is always a piece.
+_OPS = ("+", "-", "*")
+_ANSWER_LINE = re.compile(r"^Answer:[ \t]*(-?\d+)[ \t]*$", re.MULTILINE)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def extract_answer(completion: str) -> str | None:
+    """Returns the integer (as written) on the last `Answer: <integer>` line, or None."""
+    found = _ANSWER_LINE.findall(completion)
+    return found[-1] if found else None
+
+
+def check_answer(completion: str, answer: str) -> bool:
+    """True iff the last `Answer: <integer>` line of `completion` states the integer `answer`.
+
+    Integers compare by value, so `Answer: 007` matches "7"; text after that line is ignored.
+    """
+    try:
+        expected = int(answer)
+    except ValueError:
+        raise ValueError(
+            f"Reference answer {answer!r} is not an integer; pass the record's `answer` field."
+        ) from None
+    got = extract_answer(completion)
+    return got is not None and int(got) == expected
+
+
+# ----------------------------------------------------------------------------- solutions
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """Digits of n >= 0, ones first, zero-padded to `width`."""
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
+def _add_steps(a: int, b: int) -> list[str]:
+    width = max(len(str(a)), len(str(b)))
+    lines, carry = [], 0
+    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
+        total = x + y + carry
+        expr = f"{x}+{y}" + ("+1" if carry else "")
+        if i == width - 1:
+            lines.append(f"{expr}={total}, write {total}")
+        else:
+            carry = total // 10
+            lines.append(f"{expr}={total}, write {total % 10}" + (" carry 1" if carry else ""))
+    return lines
+
+
+def _sub_steps(a: int, b: int) -> list[str]:
+    """Column subtraction for a >= b >= 0."""
+    width = len(str(a))
+    lines, borrow = [], 0
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        top = x - borrow
+        borrow_out = int(top < y)
+        diff = top + 10 * borrow_out - y
+        expr = f"{x + 10 * borrow_out}" + ("-1" if borrow else "") + f"-{y}"
+        lines.append(f"{expr}={diff}, write {diff}" + (" borrow 1" if borrow_out else ""))
+        borrow = borrow_out
+    return lines
+
+
+def _mul_steps(a: int, d: int) -> list[str]:
+    width = len(str(a))
+    lines, carry = [], 0
+    for i, x in enumerate(_digits(a, width)):
+        total = x * d + carry
+        expr = f"{x}*{d}" + (f"+{carry}" if carry else "")
+        if i == width - 1:
+            lines.append(f"{expr}={total}, write {total}")
+        else:
+            carry = total // 10
+            lines.append(f"{expr}={total}, write {total % 10}" + (f" carry {carry}" if carry else ""))
+    return lines
+
+
+def solve(op: str, a: int, b: int) -> tuple[str, str, str]:
+    """Returns (prompt, response, answer) for `a op b`, with a, b >= 0 and op in "+-*"."""
+    if op == "+":
+        result, lines = a + b, _add_steps(a, b)
+    elif op == "-":
+        result = a - b
+        if a >= b:
+            lines = _sub_steps(a, b)
+        else:
+            lines = [f"{a}<{b}, so compute {b}-{a} and negate"] + _sub_steps(b, a)
+    elif op == "*":
+        result, lines = a * b, _mul_steps(a, b)
+    else:
+        raise ValueError(f"Unknown operator {op!r}; use one of {_OPS}.")
+    lines.append(f"Answer: {result}")
+    return f"What is {a} {op} {b}?", "\n".join(lines), str(result)
+
+
+def _sample_problem(rng: np.random.Generator) -> tuple[str, int, int]:
+    op = _OPS[rng.integers(len(_OPS))]
+    ndigits_a = int(rng.integers(2, 4))
+    a = int(rng.integers(10 ** (ndigits_a - 1), 10**ndigits_a))
+    if op == "*":
+        b = int(rng.integers(2, 10))
+    else:
+        ndigits_b = int(rng.integers(2, 4))
+        b = int(rng.integers(10 ** (ndigits_b - 1), 10**ndigits_b))
+    return op, a, b
+
+
+def problems(seed: int, train_size: int, test_size: int) -> dict[str, list[tuple[str, int, int]]]:
+    """Returns {"train": [...], "test": [...]} lists of (op, a, b), deterministic in all args.
+
+    Test problems are drawn first and are unique; train problems may repeat but never
+    appear in test.
+    """
+    test_rng = np.random.default_rng([seed, 0])
+    test, seen = [], set()
+    for _ in range(100 * test_size + 1000):
+        if len(test) == test_size:
+            break
+        p = _sample_problem(test_rng)
+        if p not in seen:
+            seen.add(p)
+            test.append(p)
+    else:
+        raise ValueError(f"Could not draw {test_size} distinct test problems; use a smaller test_size.")
+    train_rng = np.random.default_rng([seed, 1])
+    train = []
+    while len(train) < train_size:
+        p = _sample_problem(train_rng)
+        if p not in seen:
+            train.append(p)
+    return {"train": train, "test": test}
+
+
+def examples(seed: int, train_size: int, test_size: int) -> dict[str, list[dict[str, str]]]:
+    """Returns {"train": [...], "test": [...]} lists of {"prompt", "response", "answer"} dicts."""
+    return {
+        split: [dict(zip(("prompt", "response", "answer"), solve(*p))) for p in ps]
+        for split, ps in problems(seed, train_size, test_size).items()
+    }
+
+
+def tokenizer_corpus(train_examples: list[dict[str, str]]) -> list[str]:
+    """Texts the toy tokenizer is trained on.
+
+    Each example as a two-turn episode in the toy template, so the correction instruction
+    gets whole-word pieces.
+    """
+    correction = prompts.render_turn(prompts.TOY_CORRECTION)
+    episodes = [
+        prompts.render_turn(ex["prompt"]) + ex["response"] + prompts.END_OF_TURN
+        + correction + ex["response"] + prompts.END_OF_TURN
+        for ex in train_examples
+    ]
+    return episodes
+
+
+# ----------------------------------------------------------------------------- TFDS builder
+
+
+@dataclasses.dataclass(eq=False)
+class ToyArithmeticConfig(tfds.core.BuilderConfig):
+    """What a build generates; every field changes the data, so each lives in its own dir."""
+
+    seed: int = DEFAULT_SEED
+    train_size: int = DEFAULT_TRAIN_SIZE
+    test_size: int = DEFAULT_TEST_SIZE
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+
+
+def make_config(seed: int, train_size: int, test_size: int, vocab_size: int) -> ToyArithmeticConfig:
+    """A config named after its fields, e.g. `seed0_train20000_test2000_vocab192`."""
+    for field, value in (("train_size", train_size), ("test_size", test_size)):
+        if value < 1:
+            raise ValueError(f"{field} must be at least 1, got {value}.")
+    name = f"seed{seed}_train{train_size}_test{test_size}_vocab{vocab_size}"
+    return ToyArithmeticConfig(
+        name=name, seed=seed, train_size=train_size, test_size=test_size, vocab_size=vocab_size
+    )
+
+
+class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder `toy_arithmetic`: writes array_record splits train/test and tokenizer.model.
+
+    Construct with `ToyArithmetic(data_dir=..., seed=..., train_size=..., test_size=...)`
+    (or `config=` a `ToyArithmeticConfig`), then call `download_and_prepare()`; nothing is
+    downloaded. Read with `as_data_source(split)`.
+    """
+
+    # TFDS's own lookup of this file imports `importlib_resources`, which tfds 4.9.10 declares
+    # only for Python < 3.9; naming the file here skips that lookup.
+    code_path = epath.Path(__file__)
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Addition, subtraction, 2-3 digit by 1 digit multiplication."}
+    BUILDER_CONFIGS = [
+        make_config(DEFAULT_SEED, DEFAULT_TRAIN_SIZE, DEFAULT_TEST_SIZE, DEFAULT_VOCAB_SIZE)
+    ]
+
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        vocab_size: int | None = None,
+        config: str | ToyArithmeticConfig | None = None,
+        file_format: str = "array_record",
+        **kwargs,
+    ):
+        fields = dict(seed=seed, train_size=train_size, test_size=test_size, vocab_size=vocab_size)
+        if any(v is not None for v in fields.values()):
+            if config is not None:
+                raise ValueError("Pass either config or seed/train_size/test_size/vocab_size, not both.")
+            base = self.BUILDER_CONFIGS[0]
+            config = make_config(**{k: getattr(base, k) if v is None else v for k, v in fields.items()})
+            known = {c.name for c in self.BUILDER_CONFIGS}
+            config = config.name if config.name in known else config
+        super().__init__(config=config, file_format=file_format, **kwargs)
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Path of the toy tokenizer written by `download_and_prepare`."""
+        return os.path.join(os.fspath(self.data_dir), TOKENIZER_FILE)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # DatasetInfo directly: `dataset_info_from_configs` wants metadata files in a package dir.
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "prompt": tfds.features.Text(),
+                    "response": tfds.features.Text(),
+                    "answer": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=None,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download.
+        c = self.builder_config
+        self._examples = examples(c.seed, c.train_size, c.test_size)
+        return {split: self._generate_examples(exs) for split, exs in self._examples.items()}
+
+    def _generate_examples(self, exs: list[dict[str, str]]) -> Iterator[tuple[int, dict[str, str]]]:
+        yield from enumerate(exs)
+
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        # self.data_dir is TFDS's temporary directory here, renamed into place only on success,
+        # so a dataset directory never lacks its tokenizer.
+        tokenizer.train_sentencepiece(
+            tokenizer_corpus(self._examples["train"]),
+            self.tokenizer_path,
+            vocab_size=self.builder_config.vocab_size,
+            user_symbols=prompts.TOY_SYMBOLS,
+            required_chars=PRINTABLE_ASCII,
+        )
