@@ -1,0 +1,150 @@
+"""The toy_arithmetic builder: offline, deterministic, disjoint splits, correct answers."""
+
+import os
+import re
+import socket
+
+import pytest
+
+from score_jax import data
+from score_jax import prompts
+from score_jax import tokenizer
+from score_jax.data import toy
+
+TRAIN, TEST = 300, 60
+_PROMPT = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("The toy build tried to open a network connection.")
+
+
+def _build(root, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _no_network)
+        mp.setattr(socket, "create_connection", _no_network)
+        return data.prepare("toy_arithmetic", root, seed=seed, train_size=TRAIN, test_size=TEST)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Two builds with seed 7 in separate fresh directories, and one with seed 8."""
+    return (
+        _build(tmp_path_factory.mktemp("a"), 7),
+        _build(tmp_path_factory.mktemp("b"), 7),
+        _build(tmp_path_factory.mktemp("c"), 8),
+    )
+
+
+def _records(builder, split):
+    return [
+        {k: v.decode("utf-8") for k, v in r.items()} for r in builder.as_data_source(split)
+    ]
+
+
+def _bytes(builder, filename):
+    with open(os.path.join(builder.data_dir, filename), "rb") as f:
+        return f.read()
+
+
+def _record_files(builder):
+    return sorted(f for f in os.listdir(builder.data_dir) if ".array_record" in f)
+
+
+def test_builder_identity(builds):
+    builder = builds[0]
+    assert builder.name == "toy_arithmetic"
+    assert str(builder.version) == "1.0.0"
+    assert set(builder.info.features) == {"prompt", "response", "answer"}
+    assert builder.info.splits["train"].num_examples == TRAIN
+    assert builder.info.splits["test"].num_examples == TEST
+    assert _record_files(builder) == [
+        "toy_arithmetic-test.array_record-00000-of-00001",
+        "toy_arithmetic-train.array_record-00000-of-00001",
+    ]
+    assert os.path.isfile(builder.tokenizer_path)
+    assert os.path.dirname(builder.tokenizer_path) == os.fspath(builder.data_dir)
+
+
+def test_same_seed_gives_identical_files(builds):
+    a, b, _ = builds
+    for name in _record_files(a) + [toy.TOKENIZER_FILE]:
+        assert _bytes(a, name) == _bytes(b, name), name
+
+
+def test_different_seed_differs(builds):
+    a, _, c = builds
+    for split in ("train", "test"):
+        assert {r["prompt"] for r in _records(a, split)} != {r["prompt"] for r in _records(c, split)}
+
+
+def test_splits_disjoint_and_test_unique(builds):
+    train = [r["prompt"] for r in _records(builds[0], "train")]
+    test = [r["prompt"] for r in _records(builds[0], "test")]
+    assert len(set(test)) == len(test)
+    assert not set(train) & set(test)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_answers_are_true_results(builds, split):
+    ops = set()
+    for r in _records(builds[0], split):
+        a, op, b = _PROMPT.match(r["prompt"]).groups()
+        ops.add(op)
+        a, b = int(a), int(b)
+        truth = {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert r["answer"] == str(truth)
+        assert r["response"].splitlines()[-1] == f"Answer: {truth}"
+        assert toy.check_answer(r["response"], r["answer"])
+        assert not toy.check_answer(r["response"], str(truth + 1))
+    assert ops == {"+", "-", "*"}
+
+
+def test_examples_fit_token_budget(builds):
+    tok = tokenizer.load(builds[0].data_dir)
+    for split in ("train", "test"):
+        for r in _records(builds[0], split):
+            text = prompts.render_turn(r["prompt"]) + r["response"] + prompts.END_OF_TURN
+            ids = tok.encode(text)
+            assert len(ids) <= 100
+            assert tok.decode(ids) == text
+
+
+def test_prepare_is_idempotent(builds):
+    builder = builds[0]
+    root = os.fspath(builder.data_dir_root)
+    before = {f: os.stat(os.path.join(builder.data_dir, f)).st_mtime_ns for f in os.listdir(builder.data_dir)}
+    again = data.prepare("toy_arithmetic", root, seed=7, train_size=TRAIN, test_size=TEST)
+    assert os.fspath(again.data_dir) == os.fspath(builder.data_dir)
+    after = {f: os.stat(os.path.join(builder.data_dir, f)).st_mtime_ns for f in os.listdir(builder.data_dir)}
+    assert before == after
+
+
+def test_prepare_rejects_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
+        data.prepare("nope", tmp_path)
+
+
+def test_solve_writes_place_value_steps():
+    assert toy.solve("+", 347, 85) == (
+        "What is 347 + 85?",
+        "7+5=12, write 2 carry 1\n4+8+1=13, write 3 carry 1\n3+0+1=4, write 4\nAnswer: 432",
+        "432",
+    )
+    assert toy.solve("-", 42, 305)[1] == (
+        "42<305, so compute 305-42 and negate\n5-2=3, write 3\n10-4=6, write 6 borrow 1\n"
+        "3-1-0=2, write 2\nAnswer: -263"
+    )
+    assert toy.solve("*", 47, 6)[1] == "7*6=42, write 2 carry 4\n4*6+4=28, write 28\nAnswer: 282"
+
+
+def test_check_answer():
+    assert toy.check_answer("steps\nAnswer: -42", "-42")
+    assert toy.check_answer("Answer: 1\nAnswer: 7\n", "7")  # The last answer line counts.
+    assert toy.check_answer("Answer: 007", "7")
+    assert not toy.check_answer("Answer: 1\nAnswer: 7", "1")
+    assert not toy.check_answer("the answer is 7", "7")
+    assert not toy.check_answer("Answer: 7.5", "7")
+    assert toy.extract_answer("x\nAnswer:  12 \n") == "12"
+    with pytest.raises(ValueError, match="not an integer"):
+        toy.check_answer("Answer: 1", "one")
