@@ -1,0 +1,82 @@
+"""score_jax/bench/common.py (and a smoke test of bench/hf_reference.py). No timing asserts."""
+import json
+import math
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from configs import models
+from score_jax.bench import common
+
+
+def test_time_fn_counts_calls_and_returns_repeats():
+    calls = []
+    times = common.time_fn(lambda: calls.append(1) or jnp.ones(3), warmup=2, repeats=4)
+    assert len(calls) == 6
+    assert len(times) == 4
+    assert all(isinstance(t, float) and t >= 0 for t in times)
+
+
+def test_time_fn_rejects_zero_repeats():
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        common.time_fn(lambda: None, warmup=0, repeats=0)
+
+
+def test_print_json_emits_one_parseable_line(capsys):
+    obj = {"tokens_per_s": 545.5, "name": "train", "shape": {"d_model": 512}}
+    common.print_json(obj)
+    common.progress("working...")
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.endswith("\n")
+    assert json.loads(out) == obj
+    assert "working..." in err
+
+
+@pytest.mark.parametrize("bad", [{"x": float("nan")}, [1, 2], {"x": math.inf}])
+def test_print_json_refuses_invalid_json(bad, capsys):
+    with pytest.raises(ValueError):
+        common.print_json(bad)
+    assert capsys.readouterr().out == ""
+
+
+def test_matmul_peak_flops_is_positive_and_finite():
+    flops = common.matmul_peak_flops(n=64, chain=2, repeats=2)
+    assert isinstance(flops, float) and math.isfinite(flops) and flops > 0
+
+
+def test_stream_bandwidth_is_positive_and_finite():
+    bandwidth = common.stream_bandwidth_bytes(n=1 << 12, repeats=2)
+    assert isinstance(bandwidth, float) and math.isfinite(bandwidth) and bandwidth > 0
+
+
+def test_torch_available_is_a_bool():
+    assert isinstance(common.torch_available(), bool)
+
+
+def test_bench_shape_matches_the_bench_preset():
+    preset = models.get("bench")
+    assert {key: preset[key] for key in common.BENCH_SHAPE} == common.BENCH_SHAPE
+
+
+def test_hf_reference_imports_without_torch():
+    code = "import sys, score_jax.bench.hf_reference; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not common.torch_available(), reason="torch is a benchmark-only dependency")
+def test_hf_reference_runs_on_a_tiny_llama():
+    from score_jax.bench import hf_reference
+
+    shape = dict(common.BENCH_SHAPE, vocab_size=128, num_layers=1, d_model=32, num_heads=2,
+                 num_kv_heads=1, head_dim=16, mlp_dim=64)
+    train = hf_reference.hf_train_tokens_per_s(shape, batch=2, seq_len=8, steps=1, warmup=1)
+    generate = hf_reference.hf_generate_tokens_per_s(shape, batch=2, prompt_len=4,
+                                                     new_tokens=3, repeats=1)
+    assert train > 0 and generate > 0
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        hf_reference.build_model(dict(shape, activation="gelu_tanh"), max_positions=8)
