@@ -3,6 +3,8 @@
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +72,21 @@ def test_same_seed_gives_identical_files(builds):
     a, b, _ = builds
     for name in _record_files(a) + [toy.TOKENIZER_FILE]:
         assert _bytes(a, name) == _bytes(b, name), name
+
+
+def test_another_process_writes_identical_files(builds, tmp_path):
+    """Protobuf map order is seeded per process, so this catches unsorted serialisation."""
+    code = (
+        "import sys; from score_jax import data; "
+        f"data.prepare('toy_arithmetic', sys.argv[1], seed=7, train_size={TRAIN}, test_size={TEST})"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=root, capture_output=True)
+    a = builds[0]
+    other = os.path.join(tmp_path, os.path.relpath(a.data_dir, a.data_dir_root))
+    for name in _record_files(a) + [toy.TOKENIZER_FILE]:
+        with open(os.path.join(other, name), "rb") as f:
+            assert f.read() == _bytes(a, name), name
 
 
 def test_different_seed_differs(builds):

@@ -17,6 +17,7 @@ in test. Building also trains the toy sentencepiece tokenizer on the train split
 as `tokenizer.model` in the dataset's directory, next to the array_record files.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core import example_serializer
 
 from score_jax import prompts
 from score_jax import tokenizer
@@ -197,6 +199,26 @@ def tokenizer_corpus(train_examples: list[dict[str, str]]) -> list[str]:
 # ----------------------------------------------------------------------------- TFDS builder
 
 
+@contextlib.contextmanager
+def _sorted_feature_maps():
+    """While active, TFDS serialises tf.Example feature maps in sorted key order.
+
+    TFDS calls plain `SerializeToString()`, and protobuf orders map entries by a per-process
+    hash seed, so the same records would get different bytes in different processes.
+    """
+    cls = example_serializer.ExampleSerializer
+    original = cls.serialize_example
+
+    def serialize_example(self, example):
+        return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+    cls.serialize_example = serialize_example
+    try:
+        yield
+    finally:
+        cls.serialize_example = original
+
+
 @dataclasses.dataclass(eq=False)
 class ToyArithmeticConfig(tfds.core.BuilderConfig):
     """What a build generates; every field changes the data, so each lives in its own dir."""
@@ -286,7 +308,8 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
         yield from enumerate(exs)
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
-        super()._download_and_prepare(dl_manager, download_config)
+        with _sorted_feature_maps():
+            super()._download_and_prepare(dl_manager, download_config)
         # self.data_dir is TFDS's temporary directory here, renamed into place only on success,
         # so a dataset directory never lacks its tokenizer.
         tokenizer.train_sentencepiece(
