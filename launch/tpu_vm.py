@@ -24,7 +24,8 @@ to leave the job running: --steps=create,copy,setup,run.
 
 On a multi-host slice (accelerators with more than 8 cores/chips, e.g. v5litepod-16,
 v4-16) every remote command runs on all hosts (--worker=all), because JAX needs one process
-per host; the workdir must then be gs:// since each host sees only its own disk. gcloud
+per host (run adds --config.distributed=True unless given); the workdir must then be gs://
+since each host sees only its own disk. gcloud
 asks for `ssh-add ~/.ssh/google_compute_engine` before --worker=all commands. The TPU VM's
 service account needs write access to a gs:// workdir.
 
@@ -276,10 +277,13 @@ class Planner:
 
     def run(self) -> list:
         a = self.args
+        overrides = list(self.overrides)
+        if self.all_workers and not any(o.startswith("--config.distributed=") for o in overrides):
+            overrides.append("--config.distributed=True")  # one JAX process per host
         train = " ".join([f"../{REMOTE_VENV}/bin/python -u -m score_jax.main",
                           shlex.quote(f"--config={a.config}"),
                           "--workdir=" + remote_workdir(a.workdir),
-                          *map(shlex.quote, self.overrides)])
+                          *map(shlex.quote, overrides)])
         # The subshell ignores SIGHUP (what nohup does) so the job outlives this ssh session,
         # and records the job's exit status for the wait step.
         job = (f'(trap "" HUP; cd {REMOTE_REPO} && {train}; echo $? > ../{self.exit})'

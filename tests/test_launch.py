@@ -73,7 +73,7 @@ def test_pod_runs_on_all_workers_and_fetches_from_gcs():
         assert ssh[4] == "ssh" and "--worker=all" in ssh and "--project=proj" in ssh
     assert remote_command(clone).startswith(
         "rm -rf score_jax && git clone https://example.com/r.git score_jax")
-    assert "--workdir=gs://bucket/runs/sft" in remote_command(run)
+    assert "--workdir=gs://bucket/runs/sft --config.distributed=True;" in remote_command(run)
     assert pull == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/runs/sft",
                     "tpu_runs/score-t"]
     assert "--worker=all" not in log  # the log is fetched from worker 0 only
@@ -87,6 +87,13 @@ def test_overrides_pass_through_quoted():
     assert words[start + 1:start + 6] == [
         "score_jax.main", "--config=configs/sft.py", "--workdir=/abs/run",
         "--config.run_name=my run", "--config.learner.lr=1e-5;"]
+
+
+def test_pod_keeps_an_explicit_distributed_override():
+    [run] = dry_run(*BASE, "--accelerator=v4-16", "--workdir=gs://b/r", "--steps=run",
+                    "--config.distributed=False")
+    assert shlex.split(remote_command(run)).count("--config.distributed=False;") == 1
+    assert "--config.distributed=True" not in remote_command(run)
 
 
 def test_steps_subset_runs_in_canonical_order():
