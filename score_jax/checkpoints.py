@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+
+log = logging.getLogger(__name__)
 import os
 import signal
 import threading
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -40,14 +43,15 @@ class Manager:
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
-    def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
-        """Saves when ``step`` is on the save interval (or ``force``); returns whether it did."""
+    def save(self, step: int, state, extra_fn: Callable[[], dict], *, force: bool = False) -> bool:
+        """Saves when ``step`` is on the save interval (or ``force``); returns whether it did.
+        ``extra_fn`` is called only when a save happens."""
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
         if step in self._mgr.all_steps():
             return False
         self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra_fn())), force=True)
         return True
 
     def restore_latest(self, abstract_state):
@@ -63,7 +67,7 @@ class Manager:
                 return step, out["state"], out["extra"]
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 bad = self.directory / str(step)
-                logging.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and "
+                log.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and "
                                 "trying an older one.", bad, type(e).__name__, str(e)[:200], bad)
                 if jax.process_index() == 0 and bad.exists():
                     os.replace(bad, f"{bad}.corrupt.{int(time.time())}")
@@ -100,7 +104,7 @@ class StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
         self._event.set()
 
     def __bool__(self) -> bool:

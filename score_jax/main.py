@@ -1,0 +1,126 @@
+"""Entry point: ``python -m score_jax.main --config=configs/<job>.py[:arg] --workdir=DIR
+[--config.key=value ...]``.
+
+The only module that reads the ConfigDict: it checks it, turns it into frozen dataclasses,
+saves it as ``<workdir>/config.json`` and dispatches on ``config.job``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file, e.g. configs/sft.py:toy.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, exports.")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _jobs():
+    # Imported here so `--help` and config errors do not pay for importing jax.
+    from score_jax import sft
+    return {"sft": (sft.run, _train_config)}
+
+
+def build(cls, cd, where: str = "config"):
+    """Builds frozen dataclass ``cls`` from ConfigDict ``cd``, field by field, recursing into
+    nested dataclasses. Missing or unknown keys raise ConfigError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    given = dict(cd.items()) if hasattr(cd, "items") else dict(cd)
+    unknown = sorted(set(given) - set(names))
+    missing = sorted(set(names) - set(given))
+    if unknown:
+        raise ConfigError(f"Unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                          f"valid keys here are: {', '.join(names)}.")
+    if missing:
+        raise ConfigError(f"Config is missing {', '.join(f'{where}.{k}' for k in missing)}; "
+                          f"add them in configs/ (every default lives there).")
+    kwargs = {}
+    for name in names:
+        value, hint = given[name], hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = build(hint, value, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Invalid {where}: {e}") from e
+
+
+def _train_config(cd):
+    from score_jax import settings
+    return build(settings.TrainConfig, cd)
+
+
+def main(argv):
+    del argv
+    # Libraries (Orbax above all) log through absl at INFO; keep their warnings, and our own
+    # INFO lines (loggers under "score_jax").
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("score_jax").setLevel(logging.INFO)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required: the run directory for checkpoints and logs.")
+    if "job" not in config:
+        raise ConfigError("The config has no `job` field; start from configs/common.py.")
+    jobs = _jobs()
+    if config.job not in jobs:
+        raise ConfigError(f"Unknown job {config.job!r}; choose one of {sorted(jobs)}.")
+    run, typed = jobs[config.job]
+    cfg = typed(config)  # all config errors surface here, before any work
+
+    import jax
+    if getattr(cfg, "distributed", False):
+        jax.distributed.initialize()
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
+    run(cfg, workdir)
+
+
+def _parse_flags(argv):
+    """absl's parser, but a bad config file or a misspelt ``--config.x`` override ends with
+    one clear line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        # A config file that raised: its own last line says what is wrong.
+        first = lines[0].split(": Error whilst")[0] if "Traceback" in str(e) else ""
+        _fail(f"{first + ': ' if first else ''}{lines[-1]} (run with --helpshort for usage)")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+        _fail(f"{type(e).__name__}: {msg}")
+
+
+def _fail(msg: str):
+    print(f"Config error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry():
+    try:
+        app.run(main, flags_parser=_parse_flags)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    entry()
