@@ -1,0 +1,32 @@
+"""Rewards: binary oracle checks of a completion against a reference, picked by task name.
+
+Every entry of REWARDS has the signature (completion: str, reference: str) -> float (0.0 or
+1.0); BATCH_REWARDS holds the batch forms, (completions, references) -> list[float], which the
+learner should prefer (code runs its sandboxes in parallel, math its checks).
+
+    math  reference = the answer (or a solution with \\boxed{answer}); see rewards/math.py
+    toy   reference = the integer answer string, e.g. "-42"; see rewards/toy.py
+    code  reference = test code (MBPP asserts, or HumanEval `check` + `check(entry_point)`);
+          the program is the completion's last ```python block; see rewards/code.py
+"""
+from score_jax.rewards import code
+from score_jax.rewards import math
+from score_jax.rewards import toy
+
+REWARDS = {
+    "math": math.math_reward,
+    "toy": toy.toy_reward,
+    "code": code.completion_reward,
+}
+
+BATCH_REWARDS = {
+    "math": math.math_rewards,
+    "toy": toy.toy_rewards,
+    "code": code.completion_rewards,
+}
+
+# The public API, re-exported.
+math_reward = math.math_reward
+toy_reward = toy.toy_reward
+code_reward = code.code_reward
+code_rewards = code.code_rewards

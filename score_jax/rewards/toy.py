@@ -1,0 +1,31 @@
+"""Toy-task reward: the arithmetic task's solutions end with the line `Answer: <integer>`.
+
+The task itself (problems, step-by-step solutions) lives in score_jax/data/toy.py.
+"""
+from score_jax.rewards import math as math_reward_lib
+
+# The answer line: a whole line `Answer: <integer>` (e.g. `Answer: -42`); the last one counts.
+ANSWER_PATTERN = r"(?m)^Answer:[ \t]*(?P<answer>-?\d+)[ \t]*$"
+
+
+def toy_reward(completion: str, reference: str) -> float:
+    """1.0 if the last `Answer: <integer>` line of `completion` states the integer `reference`
+    (compared by value, so `Answer: 007` matches "7"), else 0.0.
+
+    Raises ValueError if `reference` is not an integer (a data bug, not a wrong answer).
+    """
+    try:
+        expected = int(reference.strip())
+    except ValueError:
+        raise ValueError(f"toy reference answer {reference!r} is not an integer; pass the "
+                         "record's `answer` field (e.g. '-42')") from None
+    answer = math_reward_lib.extract_answer(completion, pattern=ANSWER_PATTERN)
+    return 1.0 if answer is not None and int(answer) == expected else 0.0
+
+
+def toy_rewards(completions: list[str], references: list[str]) -> list[float]:
+    """`toy_reward` over pairs (cheap: no worker processes)."""
+    if len(completions) != len(references):
+        raise ValueError(f"got {len(completions)} completions but {len(references)} references; "
+                         "pass one reference per completion")
+    return [toy_reward(c, r) for c, r in zip(completions, references)]
