@@ -71,4 +71,6 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c.log_every = 10  # console and TensorBoard
     c.init_from = ""  # a params-only export directory to start from; "" = random init
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
+    # Persistent XLA compilation cache: a resumed or repeated run skips recompiling. "" = off.
+    c.compilation_cache_dir = os.path.expanduser("~/.cache/score_jax/xla")
     return c

@@ -84,6 +84,9 @@ def main(argv):
     cfg = typed(config)  # all config errors surface here, before any work
 
     import jax
+    if getattr(cfg, "compilation_cache_dir", ""):
+        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if getattr(cfg, "distributed", False):
         jax.distributed.initialize()
     workdir = _WORKDIR.value
@@ -92,7 +95,12 @@ def main(argv):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, sort_keys=True)
     logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
-    run(cfg, workdir)
+    from score_jax import loop
+    try:
+        run(cfg, workdir)
+    except loop.NonFiniteError as e:
+        logging.getLogger("score_jax").error("Training stopped: %s", e)
+        sys.exit(3)
 
 
 def _parse_flags(argv):

@@ -42,3 +42,4 @@ class TrainConfig:
     log_every: int
     init_from: str
     distributed: bool
+    compilation_cache_dir: str

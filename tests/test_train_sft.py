@@ -1,0 +1,166 @@
+"""End-to-end runs of `python -m score_jax.main` for the sft job, as a user runs them."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Small dataset so building it is quick; one build shared by every run below.
+COMMON = ["--config.data.num_train=2000", "--config.data.num_test=200", "--config.log_every=5",
+          "--config.batch_size=16", "--config.data.seq_len=96"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device: the runs under test are single-device
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _cmd(workdir, data_dir, *overrides):
+    return [sys.executable, "-m", "score_jax.main", "--config=configs/sft.py:tiny",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *COMMON, *overrides]
+
+
+def _run(workdir, data_dir, *overrides, check=True):
+    p = subprocess.run(_cmd(workdir, data_dir, *overrides), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"run failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _summary(workdir):
+    return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
+
+
+def _complete_steps(workdir):
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """An uninterrupted 30-step run."""
+    wd = tmp_path_factory.mktemp("ref")
+    p = _run(wd, data_dir, "--config.total_steps=30", "--config.checkpoint.every_steps=10")
+    return wd, p
+
+
+@pytest.mark.slow
+def test_run_writes_every_artefact(reference):
+    wd, p = reference
+    s = _summary(wd)
+    assert s["step"] == 30 and not s["stopped_early"]
+    assert len(s["params_sha256"]) == 64
+    cfg = json.loads((wd / "config.json").read_text())
+    assert cfg["job"] == "sft" and cfg["total_steps"] == 30
+    assert (wd / "export" / "_CHECKPOINT_METADATA").exists()
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    assert _complete_steps(wd) == [10, 20, 30]
+    assert "step 30/30" in p.stdout and "ETA" in p.stdout
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dir, reference):
+    ref_wd, _ = reference
+    wd = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(wd, data_dir, "--config.total_steps=30", "--config.checkpoint.every_steps=10"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not _complete_steps(wd) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _complete_steps(wd), "no checkpoint appeared before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert not (wd / "summary.json").exists(), "the run finished before it could be killed"
+    p = _run(wd, data_dir, "--config.total_steps=30", "--config.checkpoint.every_steps=10")
+    assert "Resumed from" in p.stderr
+    assert _summary(wd)["params_sha256"] == _summary(ref_wd)["params_sha256"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(wd, data_dir, "--config.total_steps=100000", "--config.checkpoint.every_steps=0"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until training is under way
+            if line.startswith("step "):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out = proc.stdout.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert rc == 0, out[-2000:]
+    steps = _complete_steps(wd)
+    assert len(steps) == 1 and 5 <= steps[0] < 100000, steps
+    assert not (wd / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_corrupted_latest_checkpoint_is_skipped(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    _run(wd, data_dir, "--config.total_steps=20", "--config.checkpoint.every_steps=10")
+    # Damage the newest checkpoint's array data, as a half-copied directory would be.
+    for f in (wd / "checkpoints" / "20" / "state").rglob("*"):
+        if f.is_file() and f.parent.name in ("d", "ocdbt.process_0") or f.name == "manifest.ocdbt":
+            f.write_bytes(b"garbage")
+    p = _run(wd, data_dir, "--config.total_steps=25", "--config.checkpoint.every_steps=10")
+    assert "unreadable" in p.stderr and "Resumed from" in p.stderr and "at step 10" in p.stderr
+    assert _summary(wd)["step"] == 25
+    assert list((wd / "checkpoints").glob("20.corrupt.*"))
+
+
+@pytest.mark.slow
+def test_sft_halves_the_loss(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    p = _run(wd, data_dir, "--config.total_steps=150", "--config.checkpoint.every_steps=0",
+             "--config.log_every=10")
+    losses = [float(line.split("loss ")[1].split(" ")[0]) for line in p.stdout.splitlines()
+              if line.startswith("step ")]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_unknown_config_key_fails_before_work(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    p = _run(wd, data_dir, "--config.optim.lerning_rate=1e-3", check=False)
+    assert p.returncode == 2
+    assert "Config error" in p.stderr and "learning_rate" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not wd.exists()
+
+
+def test_invalid_config_value_fails_before_work(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    p = _run(wd, data_dir, "--config.optim.schedule=linear", check=False)
+    assert p.returncode == 2 and "optim.schedule='linear'" in p.stderr
+    assert not wd.exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_stop_with_a_clear_error(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    # A learning rate this large blows the weights up within a few steps; every later
+    # gradient is non-finite and skipped, until the limit stops the run.
+    p = _run(wd, data_dir, "--config.total_steps=200", "--config.optim.learning_rate=1e30",
+             "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0", "--config.optim.max_nonfinite_steps=3",
+             "--config.checkpoint.every_steps=0", check=False)
+    assert p.returncode != 0
+    assert "consecutive steps had non-finite gradients" in p.stderr
+    assert len(_complete_steps(wd)) == 1
