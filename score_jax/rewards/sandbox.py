@@ -31,6 +31,7 @@ This module imports only the standard library: the sandbox runs it as a script.
 """
 import ctypes
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -51,6 +52,7 @@ STATUSES = ("passed", "failed", "timeout", "crashed", "sandbox-error")
 # Extra wall time the host grants the zygote (cleanup) before it kills the whole sandbox.
 SUPERVISOR_GRACE_S = 3.0
 SANDBOX_STARTUP_TIMEOUT_S = 30.0
+_BWRAP_LOCATIONS = ("/usr/bin/bwrap", "/usr/local/bin/bwrap")  # if not on PATH
 _PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 _HIDDEN_DIRS = ("/tmp", "/run")
 _NONCE_FD = 3  # in a program's process: the marker pipe (write end)
@@ -93,7 +95,7 @@ class SandboxUnavailable(RuntimeError):
 def bwrap_path() -> str:
     """Path of the bwrap binary; raises SandboxUnavailable, saying how to install it, if none."""
     path = shutil.which("bwrap") or next(
-        (p for p in ("/usr/bin/bwrap", "/usr/local/bin/bwrap") if os.access(p, os.X_OK)), None)
+        (p for p in _BWRAP_LOCATIONS if os.access(p, os.X_OK)), None)
     if path is None:
         raise SandboxUnavailable(
             "bubblewrap (bwrap) is not installed, so code rewards cannot be sandboxed; install it "
@@ -169,7 +171,7 @@ _DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
 def _bwrap_argv(limits: Limits, python: str, seccomp_fd: int | None, info_fd: int) -> list[str]:
     argv = [bwrap_path(), "--unshare-all", "--unshare-user", "--disable-userns",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
-            "--die-with-parent", "--new-session", "--info-fd", str(info_fd),
+            "--die-with-parent", "--as-pid-1", "--new-session", "--info-fd", str(info_fd),
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for path in ("/tmp", "/dev/shm"):
         argv += ["--size", str(limits.tmp_bytes), "--perms", "1777", "--tmpfs", path]
@@ -205,7 +207,7 @@ class Sandbox:
         self.isolation = isolation
         self._proc: subprocess.Popen | None = None
         self._to_zygote = self._from_zygote = -1
-        self._inner_pid: int | None = None
+        self._init_pidfd: int | None = None  # the sandbox's pid 1, held so its pid cannot be reused
         self._runs = 0
 
     def __enter__(self) -> "Sandbox":
@@ -294,7 +296,7 @@ class Sandbox:
         except TimeoutError:
             ready = None
         if self.isolation == "bwrap":
-            self._inner_pid = _read_child_pid(info_r)
+            self._init_pidfd = _open_init_pidfd(info_r, self._proc.pid)
         os.close(info_r)
         if ready != b"ready":
             stderr = self._stderr_tail()
@@ -322,17 +324,25 @@ class Sandbox:
         self._to_zygote = self._from_zygote = -1
         if self.isolation == "rlimits":
             _kill_tree(self._proc.pid)
-        else:
+        elif self._init_pidfd is not None:
+            # Kill the sandbox's pid 1 first: that ends its pid namespace, and bwrap, still
+            # alive, reaps it (killing bwrap first would leave a zombie to the host's init).
+            signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+            select.select([self._init_pidfd], [], [], 10.0)
+            os.close(self._init_pidfd)
+            self._init_pidfd = None
+        try:
+            self._proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
             _signal_quietly(self._proc.pid, signal.SIGKILL)
-            if self._inner_pid:  # the sandbox's pid 1: its death kills the whole pid namespace
-                _kill_and_wait(self._inner_pid)
-        self._proc.wait()
+            self._proc.wait()
         self._proc.stderr.close()
-        self._proc, self._inner_pid, self._runs = None, None, 0
+        self._proc, self._runs = None, 0
 
 
-def _read_child_pid(info_fd: int) -> int | None:
-    """The sandbox init's host pid, from bwrap's --info-fd JSON (None if unreadable)."""
+def _open_init_pidfd(info_fd: int, bwrap_pid: int) -> int | None:
+    """A pidfd on the sandbox's pid 1, whose host pid bwrap writes as JSON to --info-fd; None
+    if unreadable or if that pid is no longer bwrap's child (it died and the pid was reused)."""
     data = b""
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and select.select([info_fd], [], [], 0.5)[0]:
@@ -341,9 +351,17 @@ def _read_child_pid(info_fd: int) -> int | None:
             break
         data += chunk
         try:
-            return int(json.loads(data)["child-pid"])
+            pid = int(json.loads(data)["child-pid"])
         except (ValueError, KeyError):
             continue
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        if _parent_pid(pid) == bwrap_pid:
+            return pidfd
+        os.close(pidfd)
+        return None
     return None
 
 
@@ -352,19 +370,6 @@ def _signal_quietly(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _kill_and_wait(pid: int, timeout_s: float = 10.0) -> None:
-    """SIGKILLs `pid` (not our child) and waits until it has exited."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        _signal_quietly(pid, signal.SIGKILL)
-        select.select([pidfd], [], [], timeout_s)
-    finally:
-        os.close(pidfd)
 
 
 def _kill_tree(root: int) -> None:
@@ -412,19 +417,24 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     return data
 
 
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    return int(stat_line[stat_line.rindex(b")") + 2:].split()[1])
+
+
 def _descendants(root: int) -> set[int]:
     """Pids whose parent chain reaches `root`, from /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat_line = f.read()
-        except OSError:
-            continue
-        ppid = int(stat_line[stat_line.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        ppid = _parent_pid(int(name))
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(name))
     found, frontier = set(), [root]
     while frontier:
         for child in children.get(frontier.pop(), []):
@@ -469,6 +479,10 @@ def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, 
     nonce = os.urandom(16).hex()
     out_r, out_w = os.pipe()
     mark_r, mark_w = os.pipe()
+    try:  # fewer wake-ups when a program floods its output
+        fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -518,7 +532,7 @@ def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, 
 def _drain(fd: int, streams: dict, cap: int) -> bool:
     """Reads what `fd` has into its buffer (beyond `cap` bytes: dropped); False at EOF."""
     try:
-        chunk = os.read(fd, 1 << 16)
+        chunk = os.read(fd, 1 << 20)
     except BlockingIOError:
         return True
     if not chunk:
