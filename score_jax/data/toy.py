@@ -5,8 +5,10 @@ Each example is a dict of three texts:
     response "7+5=12, write 2 carry 1\n4+8+1=13, write 3 carry 1\n3+0+1=4, write 4\nAnswer: 432"
     answer   "432"
 
-Problems, in equal shares: addition and subtraction of two 2-3 digit numbers (results may be
-negative), and multiplication of a 2-3 digit number by a digit 2-9. The solution works one
+Problems are drawn in equal shares: addition and subtraction of two 2-3 digit numbers (results
+may be negative), and multiplication of a 2-3 digit number by a digit 2-9. (Train holds a few
+percent fewer multiplications than test: the 2-digit by 1-digit space has only 720 problems,
+and those in test are excluded from train.) The solution works one
 place value at a time (ones first) and its last line is exactly `Answer: <integer>`. Short
 two-digit problems are easy and three-digit ones with carries or borrows are harder, so a
 few-million-parameter model learns the task in minutes but stays imperfect.
