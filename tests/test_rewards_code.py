@@ -55,7 +55,8 @@ def test_humaneval_canonical_pass_and_broken_variants_fail(humaneval):
         solution = by_id[task_id]["canonical_solution"]
         assert old in solution, (task_id, old)
         programs.append(by_id[task_id]["prompt"] + solution.replace(old, new))
-        tests.append(code.humaneval_test_code(by_id[task_id]["test"], by_id[task_id]["entry_point"]))
+        problem = by_id[task_id]
+        tests.append(code.humaneval_test_code(problem["test"], problem["entry_point"]))
         kinds.append(("buggy", task_id))
 
     start = time.monotonic()

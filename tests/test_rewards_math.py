@@ -22,7 +22,8 @@ def paper(answer: str) -> str:
     ("The final answer is 12. I hope it is correct.", "12"),
     ("so we get \\boxed{\\frac{\\sqrt{3}}{2}} done", "\\frac{\\sqrt{3}}{2}"),
     ("\\boxed{1} then \\boxed{\\{1, \\{2\\}\\}}", "\\{1, \\{2\\}\\}"),
-    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}",
+     "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
     ("the answer is \\boxed 7.", "7."),
     ("I don't know.", None),
     ("\\boxed{unbalanced", None),
@@ -112,7 +113,8 @@ def test_different_answers_score_zero(answer, reference):
 
 
 def test_boxed_completion_against_boxed_reference():
-    assert math_reward_lib.math_reward("thus \\boxed{\\tfrac{3}{4}}", "we get $\\boxed{0.75}$") == 1.0
+    completion, reference = "thus \\boxed{\\tfrac{3}{4}}", "we get $\\boxed{0.75}$"
+    assert math_reward_lib.math_reward(completion, reference) == 1.0
 
 
 def test_no_answer_scores_zero():

@@ -446,6 +446,7 @@ def _descendants(root: int) -> set[int]:
 
 # ====================================================================== inside the sandbox
 
+_BASE_EXCEPTION = BaseException  # programs may rebind builtins.BaseException
 _PRELOADED = ("math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string",
               "typing", "hashlib", "random", "statistics", "fractions", "decimal", "operator",
               "copy", "datetime", "json", "array")
@@ -573,6 +574,7 @@ def _child(request: dict, nonce: str, out_w: int, mark_w: int, limits: Limits, w
     import resource
 
     os.setsid()
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE 1: a normal process (own /proc)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out_w, 1)
@@ -595,12 +597,12 @@ def _child(request: dict, nonce: str, out_w: int, mark_w: int, limits: Limits, w
                        "LANG": "C.UTF-8"})
     sys.argv = ["program"]
     os.write(_NONCE_FD, b"started\n")
-    write, exit_now, base_exception = os.write, os._exit, BaseException  # before programs can
-    namespace = {"__name__": "__program__", "__builtins__": builtins}  # patch them
+    write, exit_now = os.write, os._exit  # taken before a program can patch them
+    namespace = {"__name__": "__program__", "__builtins__": builtins}
     try:
         exec(compile(request["program"], "<program>", "exec"), namespace)
         exec(compile(request["tests"], "<tests>", "exec"), namespace)
-    except base_exception as e:  # noqa: BLE001 - any exception, SystemExit included, fails
+    except _BASE_EXCEPTION as e:  # noqa: BLE001 - any exception, SystemExit included, fails
         what = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
         _flush_quietly()
         write(_NONCE_FD, f"\nfailed {what}\n".encode())
@@ -614,7 +616,7 @@ def _flush_quietly() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except BaseException:  # noqa: BLE001 - the program may have replaced or closed them
+        except _BASE_EXCEPTION:  # noqa: BLE001 - the program may have replaced or closed them
             pass
 
 
