@@ -165,6 +165,16 @@ def test_what_a_program_sees():
     assert facts["hostname"] == "sandbox"
 
 
+def test_ordinary_programs_can_use_threads_subprocesses_and_tmp():
+    program = ("import subprocess, threading, tempfile\nran = []\n"
+               "thread = threading.Thread(target=lambda: ran.append(1))\n"
+               "thread.start()\nthread.join()\n"
+               "echo = subprocess.run(['echo', 'hi'], capture_output=True).stdout\n"
+               "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\n")
+    tests = "assert ran == [1]\nassert echo == b'hi\\n'\n"
+    assert code.code_reward(program, tests, 5.0) == (1.0, "passed")
+
+
 def test_programs_in_one_sandbox_do_not_see_each_other():
     leave_traces = ("import os, time\nopen('/tmp/left', 'w').write('x')\n"
                     "open('/dev/shm/left', 'w').write('x')\n"
@@ -200,6 +210,20 @@ def test_rlimits_only_mode_is_opt_in_and_warns():
     assert any("WITHOUT namespaces" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="unknown isolation"):
         sandbox.Sandbox(isolation="none")
+
+
+def test_works_with_the_options_of_bubblewrap_0_6(monkeypatch):
+    # Ubuntu 22.04 (TPU VMs) ships bwrap 0.6: no --size, no --disable-userns. Run our bwrap
+    # with only those options: /tmp turns read-only, seccomp still stops user namespaces.
+    old = sandbox.bwrap_features(sandbox.bwrap_path()) - {"--size", "--disable-userns"}
+    monkeypatch.setattr(sandbox, "bwrap_features", lambda path: old)
+    programs = ["def f():\n    return 1\n", "open('/tmp/x', 'w')\n",
+                "import ctypes\nassert ctypes.CDLL(None).unshare(0x10000000) == 0\n"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = code.run_programs(programs, ["assert f() == 1"] + ["pass"] * 2, 5.0)
+    assert [o.status for o in outcomes] == ["passed", "failed", "failed"]
+    assert "Read-only file system" in outcomes[1].detail
 
 
 def test_seccomp_filter_shape():

@@ -131,6 +131,10 @@ HOSTILE = {
     "read_supervisor_memory": (
         "import ctypes\nlibc = ctypes.CDLL(None)\nattached = libc.ptrace(16, 1, 0, 0) == 0\n"
         "open('/proc/1/mem', 'rb')\n", "failed", "Permission denied"),
+    "nested_user_namespace": (
+        "import ctypes\nlibc = ctypes.CDLL(None)\n"
+        "assert libc.unshare(0x10000000) == 0 or libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0) "
+        "== 0, 'no user namespace'\n", "failed", "no user namespace"),
     "become_root": ("import os\nos.setuid(0)\n", "failed", "[Errno"),
 }
 

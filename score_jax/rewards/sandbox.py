@@ -29,13 +29,17 @@ and processes. Use it only where bwrap cannot run.
 
 This module imports only the standard library: the sandbox runs it as a script.
 """
+from __future__ import annotations  # the sandbox's Python may be older than ours (>= 3.9)
+
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -138,24 +142,43 @@ def sandbox_python() -> str:
 
 
 def seccomp_filter(machine: str | None = None) -> bytes | None:
-    """Classic-BPF seccomp program denying _DENIED_SYSCALLS with EPERM, for this CPU; None (no
-    filter) on CPUs other than x86_64 and aarch64. Other ABIs (i386, x32) are killed/denied."""
+    """Classic-BPF seccomp program for this CPU, or None on CPUs other than x86_64 / aarch64.
+
+    Denies (EPERM) _DENIED_SYSCALLS and clone() with CLONE_NEWUSER, so no nested user
+    namespace can be made even where bwrap lacks --disable-userns; clone3() gets ENOSYS (its
+    flags sit in memory a filter cannot read; libc then falls back to clone()). Other ABIs
+    (i386 on x86_64: killed; x32: denied) cannot sidestep the filter.
+    """
     machine = machine or platform.machine()
-    arch_index = {"x86_64": 0, "amd64": 0, "aarch64": 1, "arm64": 1}.get(machine.lower())
-    if arch_index is None:
+    arch = {"x86_64": 0, "amd64": 0, "aarch64": 1, "arm64": 1}.get(machine.lower())
+    if arch is None:
         return None
-    audit_arch = (0xC000003E, 0xC00000B7)[arch_index]
-    numbers = sorted({nrs[arch_index] for nrs in _DENIED_SYSCALLS.values()})
-    ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # RET_ALLOW, RET_ERRNO|EPERM, KILL
-    program = [(ld_abs, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, kill), (ld_abs, 0, 0, 0)]
-    checks = [(jge, 0x40000000)] if arch_index == 0 else []  # x32 syscalls on x86_64
-    checks += [(jeq, nr) for nr in numbers]
-    deny_index = len(program) + len(checks) + 1
-    for code, k in checks:
-        program.append((code, deny_index - len(program) - 1, 0, k))
-    program += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
-    return b"".join(struct.pack("HBBI", *insn) for insn in program)
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ/JGE/JSET|K, RET
+    allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
+    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ERRNO | errno
+    clone, clone3 = (56, 220)[arch], 435
+    denied = sorted({numbers[arch] for numbers in _DENIED_SYSCALLS.values()})
+    # (code, true target label or None, k); labels are resolved to jump offsets below.
+    body = [(ld, None, 4), (jeq, "check_nr", (0xC000003E, 0xC00000B7)[arch]), (ret, None, kill),
+            ("check_nr", None, None), (ld, None, 0)]
+    if arch == 0:
+        body.append((jge, "deny", 0x40000000))  # x32 syscall numbers
+    body += [(jeq, "deny", nr) for nr in denied]
+    body += [(jeq, "enosys", clone3), (jeq, "check_clone", clone), (ret, None, allow),
+             ("check_clone", None, None), (ld, None, 16),  # low word of args[0]: clone flags
+             (jset, "deny", 0x10000000), (ret, None, allow),  # CLONE_NEWUSER
+             ("deny", None, None), (ret, None, eperm), ("enosys", None, None), (ret, None, enosys)]
+    labels, program = {}, []
+    for code, target, k in body:
+        if isinstance(code, str):
+            labels[code] = len(program)
+        else:
+            program.append((code, target, k))
+    out = []
+    for i, (code, target, k) in enumerate(program):
+        jt = labels[target] - i - 1 if target else 0
+        out.append(struct.pack("HBBI", code, jt, 0, k))
+    return b"".join(out)
 
 
 _DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
@@ -164,23 +187,51 @@ _DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
     "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
     "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219), "bpf": (321, 280),
     "perf_event_open": (298, 241), "userfaultfd": (323, 282), "io_uring_setup": (425, 425),
-    "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "unshare": (272, 97),
+    "setns": (308, 268),
 }
 
 
+@functools.lru_cache(maxsize=None)
+def bwrap_features(path: str) -> frozenset[str]:
+    """The long options the bwrap at `path` accepts (from `bwrap --help`)."""
+    text = subprocess.run([path, "--help"], capture_output=True, text=True, check=False)
+    return frozenset(re.findall(r"(?m)^\s*(--[a-z0-9-]+)", text.stdout + text.stderr))
+
+
+_warned_old_bwrap = False
+
+
 def _bwrap_argv(limits: Limits, python: str, seccomp_fd: int | None, info_fd: int) -> list[str]:
-    argv = [bwrap_path(), "--unshare-all", "--unshare-user", "--disable-userns",
+    """bwrap's command line. Options newer than Ubuntu 22.04's bwrap 0.6 are used when
+    present: without --size (bwrap < 0.7), /tmp and /dev/shm are read-only, since an uncapped
+    tmpfs could fill RAM; without --disable-userns (< 0.8), seccomp alone stops nested user
+    namespaces."""
+    global _warned_old_bwrap
+    path = bwrap_path()
+    features = bwrap_features(path)
+    argv = [path, "--unshare-all", "--unshare-user",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
             "--die-with-parent", "--as-pid-1", "--new-session", "--info-fd", str(info_fd),
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    for path in ("/tmp", "/dev/shm"):
-        argv += ["--size", str(limits.tmp_bytes), "--perms", "1777", "--tmpfs", path]
+    if "--disable-userns" in features:
+        argv.append("--disable-userns")
+    for tmp in ("/tmp", "/dev/shm"):
+        if "--size" in features:
+            argv += ["--size", str(limits.tmp_bytes), "--tmpfs", tmp]
+        else:
+            argv += ["--tmpfs", tmp, "--remount-ro", tmp]
+    if "--size" not in features and not _warned_old_bwrap:
+        _warned_old_bwrap = True
+        warnings.warn(f"{path} is older than bubblewrap 0.7 (no --size): sandboxed programs get "
+                      "a read-only /tmp; install bubblewrap >= 0.7 for a writable, size-capped "
+                      "one", RuntimeWarning, stacklevel=3)
     argv += ["--remount-ro", "/dev", "--tmpfs", "/run", "--remount-ro", "/run"]
     home = os.path.realpath(os.path.expanduser("~"))
     if home not in ("/", "/tmp") and os.path.isdir(home) and not python.startswith(home + "/"):
         argv += ["--tmpfs", home, "--remount-ro", home]
-    argv += ["--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
-             "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp"]
+    argv += ["--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+             "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp"]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
     return argv + ["--"]
