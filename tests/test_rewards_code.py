@@ -195,9 +195,17 @@ def test_missing_bwrap_fails_with_install_instructions(monkeypatch):
         code.code_reward("x = 1", "pass", 5.0)
 
 
-def test_broken_sandbox_reports_sandbox_error():
-    limits = sandbox.Limits(tmp_bytes=-1)  # bwrap rejects the tmpfs size
-    assert code.code_reward("x = 1", "pass", 5.0, limits=limits) == (0.0, "sandbox-error")
+def test_a_sandbox_that_cannot_start_raises_with_bwraps_message(monkeypatch):
+    monkeypatch.setattr(sandbox, "sandbox_python", lambda: "/usr/bin/no-such-python")
+    with pytest.raises(sandbox.SandboxUnavailable, match="bwrap: execvp /usr/bin/no-such-python"):
+        code.code_reward("x = 1", "pass", 5.0)
+
+
+def test_bad_limits_and_timeouts_raise_before_any_work():
+    with pytest.raises(ValueError, match="max_processes"):
+        sandbox.Limits(max_processes=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        code.code_reward("x = 1", "pass", 0.0)
 
 
 def test_rlimits_only_mode_is_opt_in_and_warns():

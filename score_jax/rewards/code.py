@@ -68,6 +68,8 @@ def run_programs(programs: list[str], tests: list[str], timeout_s: float,
     if len(programs) != len(tests):
         raise ValueError(f"got {len(programs)} programs but {len(tests)} test codes; pass one "
                          "test code per program")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     if not programs:
         return []
     workers = default_workers(limits) if max_workers is None else max_workers

@@ -60,6 +60,7 @@ _BWRAP_LOCATIONS = ("/usr/bin/bwrap", "/usr/local/bin/bwrap")  # if not on PATH
 _PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 _HIDDEN_DIRS = ("/tmp", "/run")
 _NONCE_FD = 3  # in a program's process: the marker pipe (write end)
+_MARKER_BYTES = 1 << 16  # kept from the marker pipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,12 @@ class Limits:
     output_bytes: int = 16 << 10  # stdout+stderr kept; the rest is read and dropped
     tmp_bytes: int = 64 << 20  # size of the private /tmp, and of /dev/shm
     programs_per_sandbox: int = 500  # recycle a warm sandbox after this many programs
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{field.name} must be a positive integer, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +267,7 @@ class Sandbox:
         self._to_zygote = self._from_zygote = -1
         self._init_pidfd: int | None = None  # the sandbox's pid 1, held so its pid cannot be reused
         self._runs = 0
+        self._started_once = False
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -275,8 +283,14 @@ class Sandbox:
         if self._proc is None or self._runs >= self.limits.programs_per_sandbox:
             self.close()
             error = self._start()
+            if error and not self._started_once:  # a setup problem: say so before any work
+                raise SandboxUnavailable(
+                    f"{error}. If bwrap reports a permission problem, allow unprivileged user "
+                    "namespaces (Debian: sysctl kernel.unprivileged_userns_clone=1; Ubuntu >= "
+                    "23.10: sysctl kernel.apparmor_restrict_unprivileged_userns=0)")
             if error:
                 return Outcome("sandbox-error", error, elapsed_s=time.monotonic() - start)
+            self._started_once = True
         self._runs += 1
         request = {"program": program, "tests": tests, "timeout_s": float(timeout_s)}
         try:
@@ -378,8 +392,11 @@ class Sandbox:
         elif self._init_pidfd is not None:
             # Kill the sandbox's pid 1 first: that ends its pid namespace, and bwrap, still
             # alive, reaps it (killing bwrap first would leave a zombie to the host's init).
-            signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
-            select.select([self._init_pidfd], [], [], 10.0)
+            try:
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+                select.select([self._init_pidfd], [], [], 10.0)
+            except ProcessLookupError:  # already gone
+                pass
             os.close(self._init_pidfd)
             self._init_pidfd = None
         try:
@@ -508,8 +525,13 @@ def _zygote_main(config: dict) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: programs cannot ptrace or read our memory
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of programs come back to us
+    if sys.version_info < (3, 9):
+        sys.exit(f"the sandbox's Python {sys.version.split()[0]} is too old: need >= 3.9")
     for name in _PRELOADED:  # children start with these imported (fork is copy-on-write)
-        __import__(name)
+        try:
+            __import__(name)
+        except ImportError:
+            pass
     limits = Limits(**config["limits"])
     req_fd, resp_fd = config["req_fd"], config["resp_fd"]
     in_bwrap = config["isolation"] == "bwrap"
@@ -518,13 +540,13 @@ def _zygote_main(config: dict) -> None:
         request = _read_frame(req_fd, None)
         if request is None:
             return
-        reply = _run_one(json.loads(request), limits, in_bwrap, (req_fd, resp_fd))
+        reply = _run_one(json.loads(request), limits, in_bwrap)
         _write_frame(resp_fd, json.dumps(reply).encode())
         if not reply["clean"]:
             return
 
 
-def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, int]) -> dict:
+def _run_one(request: dict, limits: Limits, in_bwrap: bool) -> dict:
     """Forks one program, waits for it within its deadline, classifies, then cleans up."""
     timeout_s = request["timeout_s"]
     workdir = "/tmp" if in_bwrap else _fresh_workdir()
@@ -548,7 +570,7 @@ def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, 
     os.close(mark_w)
     pidfd = os.pidfd_open(pid)
     output, marker = bytearray(), bytearray()
-    streams = {out_r: output, mark_r: marker}
+    streams = {out_r: (output, limits.output_bytes), mark_r: (marker, _MARKER_BYTES)}
     deadline = start + timeout_s
     exited = False
     while not exited:
@@ -559,7 +581,7 @@ def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, 
         for fd in ready:
             if fd == pidfd:
                 exited = True
-            elif not _drain(fd, streams, limits.output_bytes):
+            elif not _read_into(fd, *streams[fd]):
                 del streams[fd]
     timed_out = not exited
     if timed_out:
@@ -567,8 +589,12 @@ def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, 
     _, wait_status, rusage = os.wait4(pid, 0)
     os.close(pidfd)
     clean = _sweep(in_bwrap)
-    for fd in list(streams):  # every writer is dead now: read to EOF
-        while _drain(fd, streams, limits.output_bytes):
+    for fd, (buffer, cap) in streams.items():  # the writers are dead: read what is left
+        os.set_blocking(fd, False)
+        try:
+            while _read_into(fd, buffer, cap):
+                pass
+        except BlockingIOError:  # a writer survived the sweep (then clean is False)
             pass
     os.close(out_r)
     os.close(mark_r)
@@ -581,18 +607,13 @@ def _run_one(request: dict, limits: Limits, in_bwrap: bool, own_fds: tuple[int, 
             "output": output[:limits.output_bytes].decode(errors="replace")}
 
 
-def _drain(fd: int, streams: dict, cap: int) -> bool:
-    """Reads what `fd` has into its buffer (beyond `cap` bytes: dropped); False at EOF."""
-    try:
-        chunk = os.read(fd, 1 << 20)
-    except BlockingIOError:
-        return True
-    if not chunk:
-        return False
-    buffer = streams[fd]
+def _read_into(fd: int, buffer: bytearray, cap: int) -> bool:
+    """Appends one read of `fd` to `buffer`, dropping what goes beyond `cap` bytes; False at
+    EOF."""
+    chunk = os.read(fd, 1 << 20)
     if len(buffer) < cap:
         buffer += chunk[:cap - len(buffer)]
-    return True
+    return bool(chunk)
 
 
 def _classify(timed_out: bool, wait_status: int, cpu_s: float, timeout_s: float,
