@@ -18,9 +18,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file, e.g. configs/sft.py:toy.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, exports.")
+# Config files import their siblings as `configs.*`: make the checkout importable from anywhere.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+# The built-in default: the CPU demo job.
+DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "sft.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
+                                          "Job config file, e.g. configs/sft.py:toy.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, exports "
+                               "(default runs/<job>_<model_preset>).")
 
 
 class ConfigError(ValueError):
@@ -73,8 +81,6 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required: the run directory for checkpoints and logs.")
     if "job" not in config:
         raise ConfigError("The config has no `job` field; start from configs/common.py.")
     jobs = _jobs()
@@ -89,7 +95,7 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if getattr(cfg, "distributed", False):
         jax.distributed.initialize()
-    workdir = _WORKDIR.value
+    workdir = _WORKDIR.value or os.path.join("runs", f"{cfg.job}_{cfg.model_preset}")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
