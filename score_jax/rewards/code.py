@@ -2,9 +2,9 @@
 
 Test code is MBPP-style asserts (`mbpp_test_code`) or HumanEval-style `check` plus its call
 (`humaneval_test_code`). It runs after the program, in the same namespace. A pass means the
-test code reached its end with every assertion true; that is proven by a nonce the program never
-sees (see score_jax/rewards/sandbox.py), so exiting early with status 0, printing "passed" or
-killing the harness all score 0.
+test code reached its end with every assertion true; that is proven by a nonce the program
+cannot read from its argv, environment, files or descriptors (see score_jax/rewards/sandbox.py),
+so exiting early with status 0, printing "passed" or killing the harness all score 0.
 
 Reasons (the second element of each result) are sandbox.STATUSES: passed / failed / timeout /
 crashed / sandbox-error.

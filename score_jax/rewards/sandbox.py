@@ -1,14 +1,15 @@
 """Run untrusted Python programs in a bubblewrap sandbox, one at a time per warm sandbox.
 
 A `Sandbox` is one `bwrap` process whose command is a small trusted supervisor (the "zygote",
-`_zygote_main` below: this file's own source, run with the sandbox's Python). For each program
-the zygote forks a fresh child that sets its resource limits, runs the program and then its test
-code, and proves it reached the end of the tests by writing a random nonce to a private pipe.
-After every program, whatever happened, the zygote kills every other process in the sandbox and
-wipes /tmp and /dev/shm, so programs are isolated from each other although the sandbox is reused.
+`_zygote_main` below: this file's own source, run with the sandbox's Python). The zygote is the
+sandbox's pid 1, so programs can neither kill nor stop it. For each program it forks a fresh
+child that sets its resource limits, runs the program and then its test code, and proves it
+reached the end of the tests by writing a random nonce to a pipe. After every program, whatever
+happened, the zygote kills every other process in the sandbox and wipes /tmp and /dev/shm, so
+programs are isolated from each other although the sandbox is reused.
 
 What a program gets (bwrap isolation):
-  * namespaces: user, pid, net (no network), ipc, uts, cgroup; no nested user namespaces; no
+  * namespaces: user, pid, net (loopback only), ipc, uts, cgroup; no nested user namespaces; no
     capabilities; a new session (no terminal injection).
   * an unprivileged uid, inside and outside: when the trainer runs as root, bwrap is started as
     SANDBOX_UID, because the kernel does not apply RLIMIT_NPROC to processes that are root in
@@ -18,16 +19,23 @@ What a program gets (bwrap isolation):
     trainer's home hidden (unless the sandbox's Python lives there).
   * a fresh environment (PATH, HOME=/tmp, LANG only).
   * seccomp: SysV IPC, POSIX message queues, memfd, ptrace, process_vm_*, keyrings, bpf,
-    perf_event_open, userfaultfd and io_uring fail with EPERM (memory that escapes rlimits, and
-    kernel attack surface no test program needs).
+    perf_event_open, userfaultfd, io_uring, unshare, setns and clone(CLONE_NEWUSER) fail (memory
+    that escapes rlimits, and kernel attack surface no test program needs).
   * per-program rlimits: CPU time, address space, file size, open files, processes (threads
     count too), no core files; a wall-clock deadline; output captured and capped.
 
-`isolation="rlimits"` (explicit opt-in, warned about) runs the zygote without bwrap: same
-rlimits, unprivileged uid and process sweep, but the program sees the host's files, network
-and processes. Use it only where bwrap cannot run.
+The nonce is never in the program's argv, environment, files or inherited descriptors; it lives
+only in the harness's memory until the tests end. A program written to search this harness's
+own memory (its Python frames) could still forge a pass; nothing short of running the tests in
+another process could stop that, and they must share the program's process.
 
-This module imports only the standard library: the sandbox runs it as a script.
+bwrap older than 0.7 (Ubuntu 22.04 has 0.6) lacks --size: /tmp is then read-only rather than
+uncapped. `isolation="rlimits"` (explicit opt-in, warned about) runs the zygote without bwrap:
+same rlimits, unprivileged uid and process sweep, but the program sees the host's files, network
+and processes, can kill its supervisor, and its orphans can escape the sweep. Use it only where
+bwrap cannot run.
+
+This module imports only the standard library (Python >= 3.9): the sandbox runs it as a script.
 """
 from __future__ import annotations  # the sandbox's Python may be older than ours (>= 3.9)
 
