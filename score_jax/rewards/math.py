@@ -32,6 +32,8 @@ CHECK_TIMEOUT_S = 5.0
 WORKER_MEMORY_BYTES = 4 << 30
 # A worker that has not imported math-verify after this long is broken.
 WORKER_STARTUP_TIMEOUT_S = 120.0
+# At most this many worker processes (about 150 MB each) by default, however many CPUs.
+MAX_WORKERS = 8
 
 _log = logging.getLogger(__name__)
 
@@ -218,13 +220,16 @@ def math_reward(completion: str, reference: str) -> float:
     return 1.0 if answers_match(answer, reference_answer(reference)) else 0.0
 
 
-def math_rewards(completions: list[str], references: list[str]) -> list[float]:
-    """`math_reward` over pairs; the symbolic checks run on parallel worker processes."""
+def math_rewards(completions: list[str], references: list[str],
+                 max_workers: int | None = None) -> list[float]:
+    """`math_reward` over pairs; the symbolic checks run on parallel worker processes
+    (`max_workers`, default min(CPUs, MAX_WORKERS))."""
     if len(completions) != len(references):
         raise ValueError(f"got {len(completions)} completions but {len(references)} references; "
                          "pass one reference per completion")
     from concurrent import futures  # local: only batch callers pay for it
-    workers = max(1, min(len(completions), os.cpu_count() or 1))
+    workers = max_workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    workers = max(1, min(len(completions), workers))
     with futures.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(math_reward, completions, references))
 
@@ -327,7 +332,7 @@ class _WorkerPool:
             worker.close()
 
 
-_POOL = _WorkerPool(max_idle=max(2, os.cpu_count() or 1))
+_POOL = _WorkerPool(max_idle=min(os.cpu_count() or 1, MAX_WORKERS))
 atexit.register(_POOL.close)
 
 
