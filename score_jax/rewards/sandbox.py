@@ -76,7 +76,7 @@ class Limits:
     """Per-program resource limits. Memory and processes multiply: a program can hold at most
     about max_processes * memory_bytes + 2 * tmp_bytes of RAM."""
     memory_bytes: int = 1 << 30  # RLIMIT_AS of each process
-    max_processes: int = 16  # RLIMIT_NPROC: processes and threads of one program
+    max_processes: int = 16  # RLIMIT_NPROC: processes and threads a program may start
     file_size_bytes: int = 16 << 20  # RLIMIT_FSIZE
     open_files: int = 64  # RLIMIT_NOFILE
     output_bytes: int = 16 << 10  # stdout+stderr kept; the rest is read and dropped
