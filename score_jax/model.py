@@ -166,7 +166,9 @@ class Attention(nnx.Module):
         K = k.shape[2]
         q = q.reshape(B, T, K, N // K, H)
         scale = (cfg.query_scale or cfg.head_dim) ** -0.5
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q * jnp.asarray(scale, dt), k).astype(jnp.float32)
+        # f32 scores even from bf16 operands (as flash attention keeps them): a bf16 score of
+        # magnitude ~30 is off by up to 0.06, which moves the softmax noticeably.
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q * jnp.asarray(scale, dt), k, preferred_element_type=jnp.float32)
         if cfg.attn_softcap:
             logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
         qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
@@ -319,7 +321,8 @@ class Transformer(nnx.Module):
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt)).astype(jnp.float32)
+        # f32 output straight from the matmul: log-probs (policy ratios, KL) keep f32 precision.
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
         if cfg.final_softcap:
             logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
@@ -346,7 +349,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def param_axes(cfg: ModelConfig) -> dict:
     """Nested dict of logical axis-name tuples, matching ``param_shapes``."""
-    flat = {path: var.get_metadata()["axes"] for path, var in _skeleton(cfg)[1].flat_state()}
+    flat = {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(_skeleton(cfg)[1])}
     return nnx.traversals.unflatten_mapping(flat)
 
 
