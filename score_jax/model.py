@@ -275,6 +275,23 @@ class Transformer(nnx.Module):
         With ``cache`` (see ``init_cache``) the T tokens are written at slot ``cache['index']``
         and attend to everything already cached; the updated cache is returned (else None).
         """
+        x, cache = self.hidden(tokens, positions, valid, cache)
+        return self.unembed(x), cache
+
+    def unembed(self, x):
+        """Final hidden states [B,T,D] (from ``hidden``) -> logits [B,T,V] float32."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        # f32 output straight from the matmul: log-probs (policy ratios, KL) keep f32 precision.
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+        if cfg.final_softcap:
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+        return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+    def hidden(self, tokens, positions, valid=None, cache=None):
+        """Like ``__call__`` but stops before the vocabulary projection: returns the final
+        normed hidden states [B,T,D] (compute dtype) and the cache. Losses over large
+        vocabularies project chunk by chunk from here instead of materialising [B,T,V]."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
@@ -320,16 +337,10 @@ class Transformer(nnx.Module):
             new_v = None if cache is None else jnp.stack([o[1] for o in outs])
 
         x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        # f32 output straight from the matmul: log-probs (policy ratios, KL) keep f32 precision.
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
-        if cfg.final_softcap:
-            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
-        logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
         if cache is None:
-            return logits, None
+            return x, None
         T = tokens.shape[1]
-        return logits, {"k": new_k, "v": new_v, "pos": k_pos, "index": index + T}
+        return x, {"k": new_k, "v": new_v, "pos": k_pos, "index": index + T}
 
 
 # ----------------------------------------------------------------------------- functional API
