@@ -69,6 +69,9 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c.batch_size = 32  # global batch, in examples
     c.total_steps = 500
     c.log_every = 10  # console and TensorBoard
+    # Positions per vocabulary-projection chunk in the loss (0 = all at once). With 128k-256k
+    # vocabularies the [batch, length, vocab] logits dominate memory; chunks of 128-512 fix that.
+    c.loss_chunk = 0
     c.init_from = ""  # a params-only export directory to start from; "" = random init
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
     # Persistent XLA compilation cache: a resumed or repeated run skips recompiling. "" = off.

@@ -62,26 +62,29 @@ def _apply_update(tx, state: State, grads) -> tuple[State, dict]:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     consecutive, total = optim.nonfinite(opt_state)
-    metrics = {"grad_norm": optax.global_norm(grads), "nonfinite_consecutive": consecutive,
+    metrics = {"grad_norm": optax.tree.norm(grads), "nonfinite_consecutive": consecutive,
                "nonfinite_total": total}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def sft_loss(cfg: model.ModelConfig, params: dict, batch: dict):
-    """Next-token loss on response tokens. batch: tokens, loss_mask, valid, all [B,T] int32."""
+def sft_loss(cfg: model.ModelConfig, params: dict, batch: dict, loss_chunk: int = 0):
+    """Next-token loss on response tokens. batch: tokens, loss_mask, valid, all [B,T] int32.
+    ``loss_chunk`` > 0 projects onto the vocabulary that many positions at a time."""
     tokens = batch["tokens"]
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = model.forward(cfg, params, tokens, positions, batch["valid"].astype(bool))
-    return losses.next_token_loss(logits, tokens, batch["loss_mask"])
+    net = model.bind(cfg, params)
+    hidden, _ = net.hidden(tokens, positions, batch["valid"].astype(bool))
+    logp = losses.chunked_token_logprobs(net.unembed, hidden[:, :-1], tokens[:, 1:], loss_chunk)
+    return losses.masked_mean_nll(logp, batch["loss_mask"][:, 1:])
 
 
 def make_sft_step(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                  batch_shapes: dict) -> Callable[[State, dict], tuple[State, dict]]:
+                  batch_shapes: dict, loss_chunk: int = 0) -> Callable[[State, dict], tuple[State, dict]]:
     """The jit SFT step: (state, batch) -> (state, metrics). The input state is donated."""
 
     def step(state, batch):
         (loss, n_tokens), grads = jax.value_and_grad(
-            lambda p: sft_loss(cfg, p, batch), has_aux=True)(state["params"])
+            lambda p: sft_loss(cfg, p, batch, loss_chunk), has_aux=True)(state["params"])
         state, metrics = _apply_update(tx, state, grads)
         return state, dict(metrics, loss=loss, target_tokens=n_tokens,
                            tokens=jnp.sum(batch["valid"]))
@@ -97,15 +100,3 @@ def make_sft_step(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh
     run.jitted = jitted
     return run
 
-
-def make_eval_loss(cfg: model.ModelConfig, mesh: Mesh, batch_shapes: dict):
-    """jit (params, batch) -> mean response loss, for held-out evaluation."""
-    p_shard = model.param_shardings(cfg, mesh)
-    jitted = jax.jit(lambda p, b: sft_loss(cfg, p, b)[0],
-                     in_shardings=(p_shard, batch_shardings(mesh, batch_shapes)),
-                     out_shardings=sharding.replicated(mesh))
-
-    def run(params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(params, batch)
-    return run

@@ -19,7 +19,35 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
 
     Returns (loss, num_target_tokens); the mean is over all target tokens of the batch.
     """
-    logp = token_logprobs(logits[:, :-1], tokens[:, 1:])  # [B,T-1]
-    w = loss_mask[:, 1:].astype(jnp.float32)
+    return masked_mean_nll(token_logprobs(logits[:, :-1], tokens[:, 1:]), loss_mask[:, 1:])
+
+
+def masked_mean_nll(logp: jax.Array, mask: jax.Array):
+    """(-mean of logp over mask == 1, number of such tokens). logp, mask [B,T]."""
+    w = mask.astype(jnp.float32)
     n = jnp.sum(w)
     return -jnp.sum(logp * w) / jnp.maximum(n, 1.0), n
+
+
+def chunked_token_logprobs(unembed, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """``token_logprobs(unembed(hidden), targets)`` computed ``chunk`` positions at a time.
+
+    hidden [B,T,D], targets [B,T] -> [B,T]. Only one chunk's [B,chunk,V] logits exist at a time,
+    in the forward and (through rematerialisation) in the backward pass: with vocabularies of
+    128k-256k entries the full [B,T,V] tensor would dominate memory. chunk <= 0 or >= T: one go.
+    """
+    B, T, D = hidden.shape
+    if chunk <= 0 or chunk >= T:
+        return token_logprobs(unembed(hidden), targets)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        hc, tc = args  # [B,chunk,D], [B,chunk]
+        return token_logprobs(unembed(hc), tc)
+
+    out = jax.lax.map(one, (h, t))  # [n,B,chunk]
+    return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]

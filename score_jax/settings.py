@@ -43,3 +43,4 @@ class TrainConfig:
     init_from: str
     distributed: bool
     compilation_cache_dir: str
+    loss_chunk: int

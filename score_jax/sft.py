@@ -61,7 +61,7 @@ def run(cfg: settings.TrainConfig, workdir: str) -> dict:
         state = learner.init_state(cfg.model, tx, mesh, init_key, params)
 
     # ------------------------------------------------------------------ update step
-    train_step = learner.make_sft_step(cfg.model, tx, mesh, batch_shapes)
+    train_step = learner.make_sft_step(cfg.model, tx, mesh, batch_shapes, cfg.loss_chunk)
 
     def step_fn(state, step):
         local = next(it)

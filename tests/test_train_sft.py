@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+import conftest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small dataset so building it is quick; one build shared by every run below.
 COMMON = ["--config.data.num_train=2000", "--config.data.num_test=200", "--config.log_every=5",
@@ -18,7 +20,8 @@ COMMON = ["--config.data.num_train=2000", "--config.data.num_test=200", "--confi
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device: the runs under test are single-device
+    # One CPU device (the runs under test are single-device), fast compiles as in conftest.
+    env["XLA_FLAGS"] = conftest.FAST_COMPILE_FLAGS
     env["PYTHONPATH"] = str(ROOT)
     return env
 

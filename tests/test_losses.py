@@ -1,0 +1,44 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import losses
+
+
+def test_token_logprobs_by_hand():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
+    got = losses.token_logprobs(logits, jnp.array([[1, 2]]))
+    np.testing.assert_allclose(got, np.log([[0.25, 0.8]]), rtol=1e-6)
+
+
+def test_next_token_loss_uses_only_masked_targets():
+    # Vocabulary 2; tokens [0, 1, 0]; only the last token is a target.
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
+    loss, n = losses.next_token_loss(logits, jnp.array([[0, 1, 0]]), jnp.array([[0, 0, 1]]))
+    assert float(n) == 1.0
+    np.testing.assert_allclose(loss, -np.log(0.9), rtol=1e-6)  # p(token 0 | position 1) = 0.9
+
+
+def test_masked_mean_nll_with_empty_mask_is_zero():
+    loss, n = losses.masked_mean_nll(jnp.full((2, 3), -1.0), jnp.zeros((2, 3)))
+    assert float(loss) == 0.0 and float(n) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 4, 7, 100])
+def test_chunked_logprobs_match_unchunked_values_and_grads(chunk):
+    B, T, D, V = 2, 7, 5, 11
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(k1, (B, T, D))
+    w = jax.random.normal(k2, (D, V))
+    targets = jax.random.randint(k3, (B, T), 0, V)
+
+    def f(w, h, c):
+        return losses.chunked_token_logprobs(lambda x: x @ w, h, targets, c)
+
+    full, chunked = f(w, hidden, 0), f(w, hidden, chunk)
+    np.testing.assert_allclose(chunked, full, atol=1e-6)
+    g_full = jax.grad(lambda w, h: f(w, h, 0).sum(), argnums=(0, 1))(w, hidden)
+    g_chunk = jax.grad(lambda w, h: f(w, h, chunk).sum(), argnums=(0, 1))(w, hidden)
+    for a, b in zip(g_full, g_chunk):
+        np.testing.assert_allclose(a, b, atol=1e-5)
