@@ -68,7 +68,6 @@ def test_hf_reference_imports_without_torch():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not common.torch_available(), reason="torch is a benchmark-only dependency")
 def test_hf_reference_runs_on_a_tiny_llama():
     from score_jax.bench import hf_reference
 

@@ -146,7 +146,6 @@ def fake_home(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("fail", [False, True])
 def test_remote_run_and_wait_scripts(tmp_path, fail):
     home = fake_home(tmp_path)
