@@ -6,7 +6,6 @@ fake home directory to check their quoting, logging and exit-status handling.
 """
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile

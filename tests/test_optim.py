@@ -1,9 +1,7 @@
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from score_jax import optim
