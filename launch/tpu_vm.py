@@ -29,8 +29,8 @@ since each host sees only its own disk. gcloud
 asks for `ssh-add ~/.ssh/google_compute_engine` before --worker=all commands. The TPU VM's
 service account needs write access to a gs:// workdir.
 
-setup apt-installs python3.11, which the Ubuntu 22.04 runtime images carry; on another image
-pass --python=<an interpreter it has>.
+setup apt-installs bubblewrap (the code-reward sandbox) and python3.11, which the Ubuntu 22.04
+runtime images carry; on another image pass --python=<an interpreter it has>.
 
 A relative --workdir is relative to the remote home directory. --dry-run prints every
 command (shell-quoted, one per line) and runs nothing. Pure standard library.
@@ -260,10 +260,10 @@ class Planner:
     def setup(self) -> list:
         a = self.args
         apt = "sudo apt-get -o DPkg::Lock::Timeout=600"  # boot-time upgrades hold the lock
-        lines = []
+        packages = ["bubblewrap"]  # the sandbox that code rewards run model-written code in
         if re.fullmatch(r"python3\.\d+", a.python):
-            lines += [f"{apt} update -qq",
-                      f"{apt} install -y -qq {a.python} {a.python}-venv"]
+            packages += [a.python, f"{a.python}-venv"]
+        lines = [f"{apt} update -qq", f"{apt} install -y -qq " + " ".join(packages)]
         pip = f"{REMOTE_VENV}/bin/pip"
         lines += [
             f"{shlex.quote(a.python)} -m venv {REMOTE_VENV}",

@@ -49,6 +49,7 @@ def test_single_host_commands_in_order():
     assert cmds[3][:7] == tpu + ["ssh", "score-t", zone]
     assert "tar -xzf score_jax.tar.gz -C score_jax" in remote_command(cmds[3])
     setup = remote_command(cmds[4])
+    assert "install -y -qq bubblewrap python3.11 python3.11-venv" in setup
     assert "python3.11 -m venv score_jax_venv" in setup
     assert "pip install -q -r score_jax/requirements.txt" in setup
     assert '"jax[tpu]==0.10.2" -f https://storage.googleapis.com/jax-releases/' in setup
