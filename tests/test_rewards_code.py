@@ -11,6 +11,7 @@ import pytest
 
 from score_jax.rewards import code
 from score_jax.rewards import sandbox
+from score_jax.rewards import seccomp
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +237,6 @@ def test_works_with_the_options_of_bubblewrap_0_6(monkeypatch):
 
 def test_seccomp_filter_shape():
     for machine in ("x86_64", "aarch64"):
-        bpf = sandbox.seccomp_filter(machine)
+        bpf = seccomp.bpf_program(machine)
         assert len(bpf) % 8 == 0 and len(bpf) // 8 < 64
-    assert sandbox.seccomp_filter("riscv64") is None
+    assert seccomp.bpf_program("riscv64") is None

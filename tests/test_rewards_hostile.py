@@ -18,6 +18,7 @@ import pytest
 
 from score_jax.rewards import code
 from score_jax.rewards import sandbox
+from score_jax.rewards import supervisor
 
 TIMEOUT_S = 3.0
 # 512 MiB per process keeps a fork-and-allocate program under max_processes * 512 MiB = 8 GiB.
@@ -145,7 +146,7 @@ def sandbox_processes() -> list[str]:
     """Live (non-zombie) processes that belong to sandboxes: run as the sandbox uid (when we are
     root), or descended from us and running bwrap or the zygote."""
     me, found = os.getpid(), []
-    mine = sandbox._descendants(me)
+    mine = supervisor.descendants(me)
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             status = open(f"/proc/{name}/status").read()

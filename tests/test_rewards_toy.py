@@ -5,6 +5,7 @@ import re
 import pytest
 
 from score_jax import rewards
+from score_jax.data import toy as toy_data
 from score_jax.rewards import toy
 
 
@@ -26,9 +27,12 @@ def test_toy_reward(completion, reference, expected):
     assert toy.toy_reward(completion, reference) == expected
 
 
-def test_answer_pattern_is_the_one_named_constant():
-    assert re.compile(toy.ANSWER_PATTERN).groupindex == {"answer": 1}
-    assert "ANSWER_PATTERN" in inspect.getsource(toy.toy_reward)
+def test_answer_pattern_is_defined_once_in_the_toy_task():
+    assert re.compile(toy_data.ANSWER_PATTERN).groupindex == {"answer": 1}
+    assert "toy_data.ANSWER_PATTERN" in inspect.getsource(toy.toy_reward)
+    assert "ANSWER_PATTERN" in inspect.getsource(toy_data)  # the task's checker uses it too
+    sources = inspect.getsource(toy) + inspect.getsource(toy_data)
+    assert sources.count("^Answer:") == 1, "the answer-line regex is written out more than once"
 
 
 def test_non_integer_reference_is_a_data_error():
@@ -37,13 +41,23 @@ def test_non_integer_reference_is_a_data_error():
 
 
 def test_toy_reward_agrees_with_the_toy_task_checker():
-    from score_jax.data import toy as toy_data  # the task's own checker
+    # The two share ANSWER_PATTERN but not the code around it (last match, stripping, integer
+    # comparison, errors); test_toy_reward above is the independent check of the pattern.
     cases = ["Answer: 432", "x\nAnswer: -42", "Answer: 007", "Answer: 4.5", "Answer:12",
              "Answer: 1\nAnswer: 2", "Answer: 3 \n", "no answer", "Answer: +3"]
     for completion in cases:
         for reference in ("432", "-42", "7", "4", "12", "2", "3", "1"):
             assert toy.toy_reward(completion, reference) == float(
                 toy_data.check_answer(completion, reference)), (completion, reference)
+
+
+def test_toy_reward_scores_the_toy_tasks_own_solutions():
+    # What the data writes is what the reward reads: every solution style (carries, borrows,
+    # negative results, multiplication) scores 1.0 against its answer and 0.0 against another.
+    for op, a, b in [("+", 78, 54), ("-", 12, 345), ("-", 345, 12), ("*", 987, 9), ("-", 5, 5)]:
+        _, response, answer = toy_data.solve(op, a, b)
+        assert toy.toy_reward(response, answer) == 1.0, (op, a, b)
+        assert toy.toy_reward(response, str(int(answer) + 1)) == 0.0, (op, a, b)
 
 
 def test_toy_batch():

@@ -42,7 +42,10 @@ DEFAULT_VOCAB_SIZE = 256
 # Characters the toy tokenizer always holds, so printable ASCII text encodes losslessly.
 PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))  # Space is always a piece.
 _OPS = ("+", "-", "*")
-_ANSWER_LINE = re.compile(r"^Answer:[ \t]*(-?\d+)[ \t]*$", re.MULTILINE)
+# The answer line: a whole line `Answer: <integer>` (e.g. `Answer: -42`); the last one counts.
+# The one definition of the format: score_jax/rewards/toy.py scores completions with it too.
+ANSWER_PATTERN = r"(?m)^Answer:[ \t]*(?P<answer>-?\d+)[ \t]*$"
+_ANSWER_LINE = re.compile(ANSWER_PATTERN)
 
 
 # ----------------------------------------------------------------------------- answers

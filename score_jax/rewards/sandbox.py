@@ -1,8 +1,8 @@
 """Run untrusted Python programs in a bubblewrap sandbox, one at a time per warm sandbox.
 
-A `Sandbox` is one `bwrap` process whose command is a small trusted supervisor (the "zygote",
-`_zygote_main` below: this file's own source, run with the sandbox's Python). The zygote is the
-sandbox's pid 1, so programs can neither kill nor stop it. For each program it forks a fresh
+A `Sandbox` is one `bwrap` process whose command is a small trusted supervisor (the "zygote":
+score_jax/rewards/supervisor.py, its source text run with the sandbox's Python). The zygote is
+the sandbox's pid 1, so programs can neither kill nor stop it. For each program it forks a fresh
 child that sets its resource limits, runs the program and then its test code, and proves it
 reached the end of the tests by writing a random nonce to a pipe. After every program, whatever
 happened, the zygote kills every other process in the sandbox and wipes /tmp and /dev/shm, so
@@ -35,28 +35,30 @@ same rlimits, unprivileged uid and process sweep, but the program sees the host'
 and processes, can kill its supervisor, and its orphans can escape the sweep. Use it only where
 bwrap cannot run.
 
-This module imports only the standard library (Python >= 3.9): the sandbox runs it as a script.
+This module is the host side: it builds bwrap's command line, starts, feeds and recycles warm
+sandboxes, and turns the supervisor's replies into Outcomes. The code that runs inside the
+sandbox (the zygote and each program's harness) is score_jax/rewards/supervisor.py; the
+seccomp filter is built by score_jax/rewards/seccomp.py.
 """
-from __future__ import annotations  # the sandbox's Python may be older than ours (>= 3.9)
+from __future__ import annotations
 
-import ctypes
 import dataclasses
-import fcntl
 import functools
 import json
-import math
 import os
-import platform
+import pathlib
 import re
 import select
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import time
 import warnings
+
+from score_jax.rewards import seccomp
+from score_jax.rewards import supervisor
 
 SANDBOX_UID = 65534  # "nobody": used only when the trainer runs as root
 ISOLATIONS = ("bwrap", "rlimits")
@@ -67,27 +69,12 @@ SANDBOX_STARTUP_TIMEOUT_S = 30.0
 _BWRAP_LOCATIONS = ("/usr/bin/bwrap", "/usr/local/bin/bwrap")  # if not on PATH
 _PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 _HIDDEN_DIRS = ("/tmp", "/run")
-_NONCE_FD = 3  # in a program's process: the marker pipe (write end)
-_MARKER_BYTES = 1 << 16  # kept from the marker pipe
+# Shipped as text to `python -c` in the sandbox: its uid may not be able to read the file.
+_SUPERVISOR_SOURCE = pathlib.Path(supervisor.__file__).read_text(encoding="utf-8")
 
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Per-program resource limits. Memory and processes multiply: a program can hold at most
-    about max_processes * memory_bytes + 2 * tmp_bytes of RAM."""
-    memory_bytes: int = 1 << 30  # RLIMIT_AS of each process
-    max_processes: int = 16  # RLIMIT_NPROC: processes and threads a program may start
-    file_size_bytes: int = 16 << 20  # RLIMIT_FSIZE
-    open_files: int = 64  # RLIMIT_NOFILE
-    output_bytes: int = 16 << 10  # stdout+stderr kept; the rest is read and dropped
-    tmp_bytes: int = 64 << 20  # size of the private /tmp, and of /dev/shm
-    programs_per_sandbox: int = 500  # recycle a warm sandbox after this many programs
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limits.{field.name} must be a positive integer, got {value!r}")
+# Defined next to the code that enforces it (the supervisor must be self-contained); configure
+# sandboxes through this name.
+Limits = supervisor.Limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +95,6 @@ class Outcome:
 class SandboxUnavailable(RuntimeError):
     """bwrap is missing or cannot create namespaces here."""
 
-
-# ================================================================================ host side
 
 def bwrap_path() -> str:
     """Path of the bwrap binary; raises SandboxUnavailable, saying how to install it, if none."""
@@ -154,57 +139,6 @@ def sandbox_python() -> str:
     raise SandboxUnavailable(
         f"no Python the sandbox uid {SANDBOX_UID} can execute (tried {', '.join(candidates)}); "
         "install the system python3 (apt-get install python3)")
-
-
-def seccomp_filter(machine: str | None = None) -> bytes | None:
-    """Classic-BPF seccomp program for this CPU, or None on CPUs other than x86_64 / aarch64.
-
-    Denies (EPERM) _DENIED_SYSCALLS and clone() with CLONE_NEWUSER, so no nested user
-    namespace can be made even where bwrap lacks --disable-userns; clone3() gets ENOSYS (its
-    flags sit in memory a filter cannot read; libc then falls back to clone()). Other ABIs
-    (i386 on x86_64: killed; x32: denied) cannot sidestep the filter.
-    """
-    machine = machine or platform.machine()
-    arch = {"x86_64": 0, "amd64": 0, "aarch64": 1, "arm64": 1}.get(machine.lower())
-    if arch is None:
-        return None
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ/JGE/JSET|K, RET
-    allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
-    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ERRNO | errno
-    clone, clone3 = (56, 220)[arch], 435
-    denied = sorted({numbers[arch] for numbers in _DENIED_SYSCALLS.values()})
-    # (code, true target label or None, k); labels are resolved to jump offsets below.
-    body = [(ld, None, 4), (jeq, "check_nr", (0xC000003E, 0xC00000B7)[arch]), (ret, None, kill),
-            ("check_nr", None, None), (ld, None, 0)]
-    if arch == 0:
-        body.append((jge, "deny", 0x40000000))  # x32 syscall numbers
-    body += [(jeq, "deny", nr) for nr in denied]
-    body += [(jeq, "enosys", clone3), (jeq, "check_clone", clone), (ret, None, allow),
-             ("check_clone", None, None), (ld, None, 16),  # low word of args[0]: clone flags
-             (jset, "deny", 0x10000000), (ret, None, allow),  # CLONE_NEWUSER
-             ("deny", None, None), (ret, None, eperm), ("enosys", None, None), (ret, None, enosys)]
-    labels, program = {}, []
-    for code, target, k in body:
-        if isinstance(code, str):
-            labels[code] = len(program)
-        else:
-            program.append((code, target, k))
-    out = []
-    for i, (code, target, k) in enumerate(program):
-        jt = labels[target] - i - 1 if target else 0
-        out.append(struct.pack("HBBI", code, jt, 0, k))
-    return b"".join(out)
-
-
-_DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
-    "shmget": (29, 194), "shmat": (30, 196), "shmctl": (31, 195), "semget": (64, 190),
-    "msgget": (68, 186), "mq_open": (240, 180), "memfd_create": (319, 279),
-    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
-    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219), "bpf": (321, 280),
-    "perf_event_open": (298, 241), "userfaultfd": (323, 282), "io_uring_setup": (425, 425),
-    "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "unshare": (272, 97),
-    "setns": (308, 268),
-}
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,14 +236,14 @@ class Sandbox:
         self._runs += 1
         request = {"program": program, "tests": tests, "timeout_s": float(timeout_s)}
         try:
-            _write_frame(self._to_zygote, json.dumps(request).encode())
+            supervisor.write_frame(self._to_zygote, json.dumps(request).encode())
         except OSError as e:
             self.close()
             return Outcome("sandbox-error", f"sandbox supervisor gone: {e}",
                            elapsed_s=time.monotonic() - start)
         try:
-            reply = _read_frame(self._from_zygote,
-                                time.monotonic() + timeout_s + SUPERVISOR_GRACE_S)
+            reply = supervisor.read_frame(self._from_zygote,
+                                          time.monotonic() + timeout_s + SUPERVISOR_GRACE_S)
         except TimeoutError:  # the supervisor hangs (a program stopped it): kill everything
             self.close()
             return Outcome("timeout", "the sandbox stopped responding",
@@ -333,11 +267,11 @@ class Sandbox:
         info_r, info_w = os.pipe()
         config = {"limits": dataclasses.asdict(self.limits), "isolation": self.isolation,
                   "req_fd": req_r, "resp_fd": resp_w}
-        zygote = [python, "-I", "-S", "-B", "-c", _ZYGOTE_SOURCE, json.dumps(config)]
+        zygote = [python, "-I", "-S", "-B", "-c", _SUPERVISOR_SOURCE, json.dumps(config)]
         pass_fds = [req_r, resp_w]
         seccomp_r = None
         if self.isolation == "bwrap":
-            bpf = seccomp_filter()
+            bpf = seccomp.bpf_program()
             if bpf is not None:
                 seccomp_r, seccomp_w = os.pipe()
                 os.write(seccomp_w, bpf)
@@ -365,7 +299,7 @@ class Sandbox:
             os.close(fd)
         self._to_zygote, self._from_zygote = req_w, resp_r
         try:
-            ready = _read_frame(resp_r, time.monotonic() + SANDBOX_STARTUP_TIMEOUT_S)
+            ready = supervisor.read_frame(resp_r, time.monotonic() + SANDBOX_STARTUP_TIMEOUT_S)
         except TimeoutError:
             ready = None
         if self.isolation == "bwrap":
@@ -410,7 +344,7 @@ class Sandbox:
         try:
             self._proc.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
-            _signal_quietly(self._proc.pid, signal.SIGKILL)
+            supervisor.signal_quietly(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
         self._proc.stderr.close()
         self._proc, self._runs = None, 0
@@ -434,342 +368,22 @@ def _open_init_pidfd(info_fd: int, bwrap_pid: int) -> int | None:
             pidfd = os.pidfd_open(pid)
         except OSError:
             return None
-        if _parent_pid(pid) == bwrap_pid:
+        if supervisor.parent_pid(pid) == bwrap_pid:
             return pidfd
         os.close(pidfd)
         return None
     return None
 
 
-def _signal_quietly(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _kill_tree(root: int) -> None:
     """Stops, then kills, `root` and all its descendants (rlimits mode: no pid namespace)."""
     seen: set[int] = set()
     for _ in range(100):
-        tree = {root} | _descendants(root)
+        tree = {root} | supervisor.descendants(root)
         if tree <= seen:
             break
         for pid in tree - seen:
-            _signal_quietly(pid, signal.SIGSTOP)
+            supervisor.signal_quietly(pid, signal.SIGSTOP)
         seen |= tree
     for pid in seen:
-        _signal_quietly(pid, signal.SIGKILL)
-
-
-# =========================================================================== shared helpers
-
-def _write_frame(fd: int, payload: bytes) -> None:
-    data = struct.pack(">I", len(payload)) + payload
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _read_frame(fd: int, deadline: float | None) -> bytes | None:
-    """One length-prefixed frame, or None on EOF; TimeoutError once `deadline` (monotonic)
-    passes."""
-    header = _read_exact(fd, 4, deadline)
-    if header is None:
-        return None
-    return _read_exact(fd, struct.unpack(">I", header)[0], deadline)
-
-
-def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError("no reply from the sandbox before the deadline")
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return None
-    return int(stat_line[stat_line.rindex(b")") + 2:].split()[1])
-
-
-def _descendants(root: int) -> set[int]:
-    """Pids whose parent chain reaches `root`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        ppid = _parent_pid(int(name))
-        if ppid is not None:
-            children.setdefault(ppid, []).append(int(name))
-    found, frontier = set(), [root]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            if child not in found:
-                found.add(child)
-                frontier.append(child)
-    return found
-
-
-# ====================================================================== inside the sandbox
-
-_BASE_EXCEPTION = BaseException  # programs may rebind builtins.BaseException
-_PRELOADED = ("math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string",
-              "typing", "hashlib", "random", "statistics", "fractions", "decimal", "operator",
-              "copy", "datetime", "json", "array")
-
-
-def _zygote_main(config: dict) -> None:
-    """Serves programs: one request frame in, one fork, one reply frame out, repeat until EOF."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: programs cannot ptrace or read our memory
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of programs come back to us
-    if sys.version_info < (3, 9):
-        sys.exit(f"the sandbox's Python {sys.version.split()[0]} is too old: need >= 3.9")
-    for name in _PRELOADED:  # children start with these imported (fork is copy-on-write)
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-    limits = Limits(**config["limits"])
-    req_fd, resp_fd = config["req_fd"], config["resp_fd"]
-    in_bwrap = config["isolation"] == "bwrap"
-    _write_frame(resp_fd, b"ready")
-    while True:
-        request = _read_frame(req_fd, None)
-        if request is None:
-            return
-        reply = _run_one(json.loads(request), limits, in_bwrap)
-        _write_frame(resp_fd, json.dumps(reply).encode())
-        if not reply["clean"]:
-            return
-
-
-def _run_one(request: dict, limits: Limits, in_bwrap: bool) -> dict:
-    """Forks one program, waits for it within its deadline, classifies, then cleans up."""
-    timeout_s = request["timeout_s"]
-    workdir = "/tmp" if in_bwrap else _fresh_workdir()
-    nonce = os.urandom(16).hex()
-    out_r, out_w = os.pipe()
-    mark_r, mark_w = os.pipe()
-    try:  # fewer wake-ups when a program floods its output
-        fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except OSError:
-        pass
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(out_r)
-            os.close(mark_r)
-            _child(request, nonce, out_w, mark_w, limits, workdir, in_bwrap)
-        finally:
-            os._exit(70)
-    os.close(out_w)
-    os.close(mark_w)
-    pidfd = os.pidfd_open(pid)
-    output, marker = bytearray(), bytearray()
-    streams = {out_r: (output, limits.output_bytes), mark_r: (marker, _MARKER_BYTES)}
-    deadline = start + timeout_s
-    exited = False
-    while not exited:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        ready = select.select(list(streams) + [pidfd], [], [], remaining)[0]
-        for fd in ready:
-            if fd == pidfd:
-                exited = True
-            elif not _read_into(fd, *streams[fd]):
-                del streams[fd]
-    timed_out = not exited
-    if timed_out:
-        _signal_quietly(pid, signal.SIGKILL)
-    _, wait_status, rusage = os.wait4(pid, 0)
-    os.close(pidfd)
-    clean = _sweep(in_bwrap)
-    for fd, (buffer, cap) in streams.items():  # the writers are dead: read what is left
-        os.set_blocking(fd, False)
-        try:
-            while _read_into(fd, buffer, cap):
-                pass
-        except BlockingIOError:  # a writer survived the sweep (then clean is False)
-            pass
-    os.close(out_r)
-    os.close(mark_r)
-    clean = _wipe(workdir, keep_root=in_bwrap) and clean
-    if in_bwrap:
-        clean = _wipe("/dev/shm", keep_root=True) and clean
-    cpu_s = rusage.ru_utime + rusage.ru_stime
-    status, detail = _classify(timed_out, wait_status, cpu_s, timeout_s, bytes(marker), nonce)
-    return {"status": status, "detail": detail, "clean": clean,
-            "output": output[:limits.output_bytes].decode(errors="replace")}
-
-
-def _read_into(fd: int, buffer: bytearray, cap: int) -> bool:
-    """Appends one read of `fd` to `buffer`, dropping what goes beyond `cap` bytes; False at
-    EOF."""
-    chunk = os.read(fd, 1 << 20)
-    if len(buffer) < cap:
-        buffer += chunk[:cap - len(buffer)]
-    return bool(chunk)
-
-
-def _classify(timed_out: bool, wait_status: int, cpu_s: float, timeout_s: float,
-              marker: bytes, nonce: str) -> tuple[str, str]:
-    lines = marker.decode(errors="replace").splitlines()
-    if not lines or lines[0] != "started":  # the child died before the program ran
-        return "sandbox-error", "the sandboxed process could not set itself up"
-    if timed_out:
-        return "timeout", f"still running after {timeout_s:g}s wall time"
-    if f"passed {nonce}" in lines:
-        return "passed", ""
-    cpu_limit = math.ceil(timeout_s)
-    if os.WIFSIGNALED(wait_status):
-        sig = os.WTERMSIG(wait_status)
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= cpu_limit):
-            return "timeout", f"used {cpu_s:.1f}s of CPU time"
-    failures = [line[len("failed "):] for line in lines if line.startswith("failed ")]
-    if failures:
-        return "failed", failures[0]
-    if os.WIFSIGNALED(wait_status):
-        return "crashed", f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
-    return "crashed", f"exited with status {os.waitstatus_to_exitcode(wait_status)} before the " \
-                      "tests finished"
-
-
-def _child(request: dict, nonce: str, out_w: int, mark_w: int, limits: Limits, workdir: str,
-           in_bwrap: bool) -> None:
-    """In the forked child: confine this process, run program + tests, report. Never returns."""
-    import builtins
-    import resource
-
-    os.setsid()
-    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE 1: a normal process (own /proc)
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(out_w, 1)
-    os.dup2(out_w, 2)
-    os.dup2(mark_w, _NONCE_FD)
-    os.closerange(_NONCE_FD + 1, 1 << 16)  # our request/reply pipes and everything else
-    cpu = math.ceil(request["timeout_s"])
-    nproc = limits.max_processes + (2 if in_bwrap else _count_uid_processes())
-    for rlimit, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
-                          (resource.RLIMIT_AS, limits.memory_bytes),
-                          (resource.RLIMIT_FSIZE, limits.file_size_bytes),
-                          (resource.RLIMIT_NOFILE, limits.open_files),
-                          (resource.RLIMIT_NPROC, nproc),
-                          (resource.RLIMIT_CORE, 0)):
-        value = value if isinstance(value, tuple) else (value, value)
-        resource.setrlimit(rlimit, value)
-    os.chdir(workdir)
-    os.environ.clear()
-    os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir,
-                       "LANG": "C.UTF-8"})
-    sys.argv = ["program"]
-    os.write(_NONCE_FD, b"started\n")
-    write, exit_now = os.write, os._exit  # taken before a program can patch them
-    namespace = {"__name__": "__program__", "__builtins__": builtins}
-    try:
-        exec(compile(request["program"], "<program>", "exec"), namespace)
-        exec(compile(request["tests"], "<tests>", "exec"), namespace)
-    except _BASE_EXCEPTION as e:  # noqa: BLE001 - any exception, SystemExit included, fails
-        what = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
-        _flush_quietly()
-        write(_NONCE_FD, f"\nfailed {what}\n".encode())
-        exit_now(1)
-    _flush_quietly()
-    write(_NONCE_FD, f"\npassed {nonce}\n".encode())
-    exit_now(0)
-
-
-def _flush_quietly() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except _BASE_EXCEPTION:  # noqa: BLE001 - the program may have replaced or closed them
-            pass
-
-
-def _count_uid_processes() -> int:
-    uid = os.getuid()
-    count = 0
-    for name in os.listdir("/proc"):
-        try:
-            count += name.isdigit() and os.stat(f"/proc/{name}").st_uid == uid
-        except OSError:
-            pass
-    return count
-
-
-def _sweep(in_bwrap: bool) -> bool:
-    """Kills every process a program left behind (in bwrap: every process in the sandbox but
-    init and us) and reaps them; False if some survive (then the sandbox is recycled)."""
-    me = os.getpid()
-    for _ in range(500):
-        victims = (_all_pids() - {1, me}) if in_bwrap else _descendants(me)
-        _reap()
-        if not victims:
-            return True
-        for pid in victims:
-            _signal_quietly(pid, signal.SIGKILL)
-        _reap()
-        time.sleep(0.001)
-    return False
-
-
-def _all_pids() -> set[int]:
-    return {int(name) for name in os.listdir("/proc") if name.isdigit()}
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _fresh_workdir() -> str:
-    import tempfile
-    return tempfile.mkdtemp(prefix="score_sandbox_")
-
-
-def _wipe(path: str, keep_root: bool) -> bool:
-    """Removes everything under `path` (and `path` itself unless keep_root); True if done."""
-    def remove(target: str) -> None:
-        if os.path.isdir(target) and not os.path.islink(target):
-            os.chmod(target, 0o700)
-            for name in os.listdir(target):
-                remove(os.path.join(target, name))
-            os.rmdir(target)
-        else:
-            os.unlink(target)
-
-    try:
-        if keep_root:
-            os.chmod(path, 0o1777)  # a program may have locked us out
-            for name in os.listdir(path):
-                remove(os.path.join(path, name))
-        elif os.path.lexists(path):
-            remove(path)
-    except OSError:
-        return False
-    return True
-
-
-_ZYGOTE_SOURCE = open(__file__, encoding="utf-8").read() if __name__ != "__main__" else ""
-
-if __name__ == "__main__":
-    _zygote_main(json.loads(sys.argv[1]))
+        supervisor.signal_quietly(pid, signal.SIGKILL)

@@ -1,11 +1,9 @@
 """Toy-task reward: the arithmetic task's solutions end with the line `Answer: <integer>`.
 
-The task itself (problems, step-by-step solutions) lives in score_jax/data/toy.py.
+The task itself (problems, step-by-step solutions) and the answer-line format
+(`ANSWER_PATTERN`) live in score_jax/data/toy.py; this module only scores against them.
 """
 from score_jax.rewards import math as math_reward_lib
-
-# The answer line: a whole line `Answer: <integer>` (e.g. `Answer: -42`); the last one counts.
-ANSWER_PATTERN = r"(?m)^Answer:[ \t]*(?P<answer>-?\d+)[ \t]*$"
 
 
 def toy_reward(completion: str, reference: str) -> float:
@@ -19,7 +17,10 @@ def toy_reward(completion: str, reference: str) -> float:
     except ValueError:
         raise ValueError(f"toy reference answer {reference!r} is not an integer; pass the "
                          "record's `answer` field (e.g. '-42')") from None
-    answer = math_reward_lib.extract_answer(completion, pattern=ANSWER_PATTERN)
+    # Imported here, not at the top: score_jax.data.toy pulls in tensorflow_datasets (~1 s,
+    # ~45 MB), which importing the reward registry (e.g. every math-verify worker) should not pay.
+    from score_jax.data import toy as toy_data
+    answer = math_reward_lib.extract_answer(completion, pattern=toy_data.ANSWER_PATTERN)
     return 1.0 if answer is not None and int(answer) == expected else 0.0
 
 
