@@ -147,15 +147,7 @@ class Attention(nnx.Module):
         cache_kv None or (k, v) each [B,S,K,H]; k_pos [B,S] (or [B,T] without cache);
         index: scalar slot where this call's T tokens are written. Returns ([B,T,D], cache_kv)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
-        if cfg.qkv_bias:
-            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope(q, sin, cos), _rope(k, sin, cos)
-        q = sharding.constrain(q, ("batch", "length", "act_heads", None))
+        q, k, v = self._project(x, sin, cos)
         if cache_kv is not None:
             ck, cv = cache_kv
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
@@ -177,6 +169,54 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), cache_kv
+
+    def _project(self, x, sin, cos):
+        """q [B,T,N,H], k and v [B,T,K,H]: projections, biases, qk-norm and RoPE."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, sin, cos), _rope(k, sin, cos)
+        return sharding.constrain(q, ("batch", "length", "act_heads", None)), k, v
+
+    def decode(self, x, sin, cos, q_pos, window, chunks, k_pos, write, offset):
+        """Attention against a chunked cache (see ``Transformer.decode``).
+
+        x [B,T,D]; chunks: tuple of (k, v), each [B,K,C,H] (C may differ per chunk);
+        k_pos: tuple of [B,C], the chunks' positions, this call's already written.
+        This call's keys and values go into chunk ``write`` (static) at slot ``offset``.
+        Returns ([B,T,D], chunks).
+        """
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q, k, v = self._project(x, sin, cos)
+        chunks = list(chunks)
+        ck, cv = chunks[write]
+        kv_new = [jnp.swapaxes(a, 1, 2).astype(ck.dtype) for a in (k, v)]  # [B,K,T,H]
+        chunks[write] = tuple(sharding.constrain(jax.lax.dynamic_update_slice(c, a, (0, 0, offset, 0)), CHUNK_AXES)
+                              for c, a in zip((ck, cv), kv_new))
+        B, T, N, H = q.shape
+        K = k.shape[2]
+        q = q.reshape(B, T, K, N // K, H) * jnp.asarray((cfg.query_scale or cfg.head_dim) ** -0.5, dt)
+        # One score matmul per chunk, each reading its own buffer: a slice or concatenation
+        # of cache buffers would be a copy on XLA:CPU (4x slower than the matmul itself).
+        logits = jnp.concatenate([jnp.einsum("BTKGH,BKCH->BKGTC", q, c[0].astype(dt), preferred_element_type=jnp.float32)
+                                  for c in chunks], axis=-1)  # [B,K,G,T,S]
+        if cfg.attn_softcap:
+            logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
+        qp, kp = q_pos[:, :, None], jnp.concatenate(k_pos, axis=1)[:, None, :]  # [B,T,1], [B,1,S]
+        mask = (kp >= 0) & (kp <= qp) & (qp - kp < window)  # [B,T,S]
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG_INF), axis=-1).astype(dt)
+        out, start = 0, 0
+        for _, c in chunks:
+            C = c.shape[2]
+            out = out + jnp.einsum("BKGTC,BKCH->BTKGH", probs[..., start:start + C], c.astype(dt))
+            start += C
+        out = out.reshape(B, T, N, H)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), tuple(chunks)
 
 
 class MLP(nnx.Module):
@@ -212,14 +252,21 @@ class Block(nnx.Module):
 
     def __call__(self, x, sin, cos, q_pos, window, cache_kv, k_pos, index):
         h, cache_kv = self.attn(self.attn_norm(x), sin, cos, q_pos, window, cache_kv, k_pos, index)
+        return self._residual(x, h), cache_kv
+
+    def decode(self, x, sin, cos, q_pos, window, chunks, k_pos, write, offset):
+        h, chunks = self.attn.decode(self.attn_norm(x), sin, cos, q_pos, window, chunks, k_pos, write, offset)
+        return self._residual(x, h), chunks
+
+    def _residual(self, x, h):
+        """x + attention output h, then the MLP sub-layer."""
         if self.sandwich:
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(self.mlp_norm(x))
         if self.sandwich:
             h = self.post_mlp_norm(h)
-        x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
-        return x, cache_kv
+        return sharding.constrain(x + h, ("batch", "length", "act_embed"))
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -342,6 +389,39 @@ class Transformer(nnx.Module):
         T = tokens.shape[1]
         return x, {"k": new_k, "v": new_v, "pos": k_pos, "index": index + T}
 
+    def decode(self, tokens, positions, valid, cache, layers, write, offset):
+        """``hidden`` against a chunked KV cache, layers unrolled; the sampler's fast path.
+
+        tokens, positions, valid [B,T]. cache: {"k", "v": one tuple per layer of one [B,K,C,H]
+        array per chunk; "pos": one [B,C] array per chunk (-1 = empty)}, every chunk a buffer
+        of its own (attention reads each in place). This call's T tokens are written into
+        chunk ``write`` (a static index) at slot ``offset`` and attend to every chunk given.
+        ``layers`` is ``split_layers(cfg, params)``. Returns (hidden [B,T,D], cache).
+
+        Why not ``hidden``: on XLA:CPU both scanning the layers (the cache as scan xs/ys) and
+        slicing a stacked cache or stacked weights copy them at every step, and a [B,S,K,H]
+        cache is transposed before each attention matmul; here nothing is copied.
+        """
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B,T,D]
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        k_pos = list(cache["pos"])
+        new_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
+        k_pos[write] = jax.lax.dynamic_update_slice(k_pos[write], new_pos, (0, offset))
+        sin_cos = {local: _sin_cos(positions, rope_inv_freq(cfg, local)) for local in (False, True)}
+        graphdef = nnx.graphdef(self.blocks)
+        new_k, new_v = [], []
+        for i, local in enumerate(cfg.layer_is_local()):
+            local = bool(local)
+            window = cfg.sliding_window if local else GLOBAL_WINDOW
+            x, chunks = nnx.merge(graphdef, layers[i]).decode(
+                x, *sin_cos[local], positions, window, tuple(zip(cache["k"][i], cache["v"][i])), k_pos, write, offset)
+            new_k.append(tuple(c[0] for c in chunks))
+            new_v.append(tuple(c[1] for c in chunks))
+        return self.final_norm(x), {"k": tuple(new_k), "v": tuple(new_v), "pos": tuple(k_pos)}
+
 
 # ----------------------------------------------------------------------------- functional API
 
@@ -393,6 +473,18 @@ def forward(cfg: ModelConfig, params: dict, tokens, positions, valid=None, cache
     return bind(cfg, params)(tokens, positions, valid, cache)
 
 
+def split_layers(cfg: ModelConfig, params: dict) -> tuple:
+    """One parameter state per layer, for ``decode``. Slice once, outside a decode loop:
+    this holds a second copy of the layer weights while it lives."""
+    state = nnx.state(bind(cfg, params).blocks)
+    return tuple(jax.tree.map(lambda a: a[i], state) for i in range(cfg.num_layers))
+
+
+def decode(cfg: ModelConfig, params: dict, layers: tuple, tokens, positions, valid, cache, write: int, offset):
+    """Functional call: see ``Transformer.decode``; returns (hidden [B,T,D], cache)."""
+    return bind(cfg, params).decode(tokens, positions, valid, cache, layers, write, offset)
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
     """An empty KV cache: k, v [L,B,S,K,H], pos [B,S] = -1, index 0."""
     dt = jnp.dtype(dtype or cfg.dtype)
@@ -400,6 +492,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> 
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
             "pos": jnp.full((batch, length), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
+
+# One chunk of a chunked cache (``Transformer.decode``): k or v [B,K,C,H]; its positions [B,C].
+CHUNK_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+CHUNK_POS_AXES = ("cache_batch", "cache_length")
 
 CACHE_AXES = {"k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"),
               "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"),
