@@ -13,7 +13,6 @@ import hashlib
 import logging
 
 log = logging.getLogger(__name__)
-import os
 import signal
 import threading
 import time
@@ -70,7 +69,7 @@ class Manager:
                 log.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and "
                                 "trying an older one.", bad, type(e).__name__, str(e)[:200], bad)
                 if jax.process_index() == 0 and bad.exists():
-                    os.replace(bad, f"{bad}.corrupt.{int(time.time())}")
+                    bad.rename(bad.parent / f"{bad.name}.corrupt.{int(time.time())}")
                 self._mgr.reload()
         return None
 

@@ -95,11 +95,11 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if getattr(cfg, "distributed", False):
         jax.distributed.initialize()
+    from etils import epath  # local paths and gs:// alike (pods need a shared workdir)
     workdir = _WORKDIR.value or os.path.join("runs", f"{cfg.job}_{cfg.model_preset}")
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
     from score_jax import loop
     try:

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -60,12 +61,17 @@ class Writer:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic JSON write (process 0 only): a reader never sees half a file."""
+    """JSON write by process 0, local or gs://. Locally atomic (write then rename), so a
+    reader never sees half a file; object stores replace whole objects anyway."""
     if jax.process_index() != 0:
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+    path = epath.Path(path)
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
