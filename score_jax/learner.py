@@ -97,6 +97,5 @@ def make_sft_step(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
-    run.jitted = jitted
     return run
 

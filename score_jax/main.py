@@ -90,10 +90,10 @@ def main(argv):
     cfg = typed(config)  # all config errors surface here, before any work
 
     import jax
-    if getattr(cfg, "compilation_cache_dir", ""):
+    if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if getattr(cfg, "distributed", False):
+    if cfg.distributed:
         jax.distributed.initialize()
     from etils import epath  # local paths and gs:// alike (pods need a shared workdir)
     workdir = _WORKDIR.value or os.path.join("runs", f"{cfg.job}_{cfg.model_preset}")

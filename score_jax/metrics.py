@@ -43,8 +43,8 @@ class Writer:
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
 
-    def progress(self, step: int, values: dict) -> dict:
-        """Prints one progress line and returns the rates it computed."""
+    def progress(self, step: int, values: dict) -> None:
+        """Prints one progress line: the values, steps/s since the first step, and the ETA."""
         elapsed = time.perf_counter() - self._t0
         done = step - self._step0
         rate = done / elapsed if elapsed > 0 else float("nan")
@@ -53,7 +53,6 @@ class Writer:
         if jax.process_index() == 0:
             print(f"step {step}/{self.total_steps} | {shown} | {rate:.2f} steps/s | "
                   f"ETA {_fmt_duration(eta)}", file=self.stream, flush=True)
-        return {"steps_per_s": rate}
 
     def close(self):
         if self._tb is not None:
