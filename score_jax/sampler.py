@@ -108,7 +108,7 @@ def sample_tokens(cfg: SamplerConfig, logits: jax.Array, key: jax.Array) -> jax.
     """Next tokens [R] from policy logits [R,V] f32: greedy, or temperature, then top-k, then
     top-p (each optional), then a categorical draw with ``key``."""
     if cfg.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _argmax(logits)
     x = logits / cfg.temperature
     if cfg.top_k:
         kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]  # [R,1]
@@ -121,7 +121,57 @@ def sample_tokens(cfg: SamplerConfig, logits: jax.Array, key: jax.Array) -> jax.
         # one always kept); its least probable member is the threshold.
         threshold = jnp.min(jnp.where(before < cfg.top_p, desc, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where(probs < threshold, -jnp.inf, x)
-    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+    return _categorical(key, x)
+
+
+# XLA:CPU's argmax (a variadic reduce) and jax.random.categorical (Gumbel noise for every
+# vocabulary entry) cost 5 ms and 55 ms per step at 64 x 32k logits; the blocked versions
+# below cost 0.6 ms and 1.6 ms. Blocks of the vocabulary:
+_BLOCK = 128
+
+
+def _blocks(x: jax.Array, fill: float) -> jax.Array:
+    """[R,V] -> [R, V/C, C] (padded with ``fill``), C = min(V, _BLOCK)."""
+    R, V = x.shape
+    C = min(V, _BLOCK)
+    nb = -(-V // C)
+    return jnp.pad(x, ((0, 0), (0, nb * C - V)), constant_values=fill).reshape(R, nb, C)
+
+
+def _first_index(mask: jax.Array) -> jax.Array:
+    """Index of the first True along the last axis (its size if none)."""
+    n = mask.shape[-1]
+    return jnp.min(jnp.where(mask, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, -1) for [R,V] (the first maximum), via block maxima."""
+    xb = _blocks(x, -jnp.inf)  # [R,nb,C]
+    block_max = jnp.max(xb, axis=-1)  # [R,nb]
+    best = jnp.max(block_max, axis=-1, keepdims=True)  # [R,1]
+    b = _first_index(block_max == best)  # [R]
+    inside = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]  # [R,C]
+    return jnp.minimum(b * xb.shape[-1] + _first_index(inside == best), x.shape[-1] - 1)  # (NaN rows)
+
+
+def _categorical(key: jax.Array, x: jax.Array) -> jax.Array:
+    """One draw per row from softmax(x) [R,V] (-inf = never), by inverting the CDF with one
+    uniform per row: first the block, then the token inside it."""
+    xb = _blocks(x, -jnp.inf)
+    R, nb, C = xb.shape
+    p = jnp.exp(xb - jnp.max(xb, axis=(1, 2), keepdims=True))  # [R,nb,C] unnormalised
+    mass = jnp.sum(p, axis=-1)  # [R,nb]
+    cum = jnp.cumsum(mass, axis=-1)
+    u = jax.random.uniform(key, (R,)) * cum[:, -1]  # [R]
+    # The first block whose cumulative mass exceeds u; rounding could point past the last
+    # block with any mass, hence the clamp (same for tokens below).
+    last_block = jnp.max(jnp.where(mass > 0, jnp.arange(nb), 0), axis=-1)
+    b = jnp.minimum(jnp.sum(cum <= u[:, None], axis=-1), last_block)
+    u = u - (jnp.take_along_axis(cum, b[:, None], 1) - jnp.take_along_axis(mass, b[:, None], 1))[:, 0]
+    inside = jnp.take_along_axis(p, b[:, None, None], axis=1)[:, 0]  # [R,C]
+    last = jnp.max(jnp.where(inside > 0, jnp.arange(C), 0), axis=-1)
+    i = jnp.minimum(jnp.sum(jnp.cumsum(inside, axis=-1) <= u[:, None], axis=-1), last)
+    return (b * C + i).astype(jnp.int32)
 
 
 def _token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
