@@ -38,7 +38,6 @@ buffers the Sampler owns, donated to each call and updated in place.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +244,10 @@ class Sampler:
         lens = np.asarray(prompt_lens)
         if lens.min() < 1 or lens.max() > cfg.max_prompt_len:
             raise ValueError(f"prompt_lens must be in [1, {cfg.max_prompt_len}], got {lens.min()}..{lens.max()}.")
+        V = self.model_cfg.vocab_size
+        for name, ids in (("prompts", np.asarray(prompts)), ("instruction", np.asarray(instruction))):
+            if ids.size and (ids.min() < 0 or ids.max() >= V):
+                raise ValueError(f"{name} hold ids outside [0, {V}) (padding included); pad with a real id such as pad_id.")
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)
         cache, self._cache = (self._cache if self._cache is not None else self.init_cache()), None
