@@ -1,21 +1,43 @@
-"""One tokenizer interface, backed by sentencepiece (a tokenizer.json backend can join later).
+"""One tokenizer interface over sentencepiece (`tokenizer.model`) and Hugging Face `tokenizer.json`.
 
-`load(path)` takes a `tokenizer.model` file, or a directory holding one, and returns a
-`Tokenizer`. `train_sentencepiece` trains the small toy tokenizer; `score_jax.data.toy` calls
-it when it builds the dataset.
+`load(path)` takes a tokenizer file or a checkpoint directory and returns a `Tokenizer`:
+`tokenizer.model` is read with sentencepiece (the toy tokenizer, Gemma, Llama 2), `tokenizer.json`
+with the `tokenizers` library (Llama 3, Qwen). A directory holding both (Gemma and Llama 2
+checkpoints ship both) is read with sentencepiece, the format those families were released in.
+`train_sentencepiece` trains the small toy tokenizer; `score_jax.data.toy` calls it when it
+builds the dataset.
 
-Ids come from the model file: the toy tokenizer uses pad=0, unk=1, bos=2, eos=3; Gemma uses
-pad=0, eos=1, bos=2; Llama 2 has no pad piece (see `SentencePieceTokenizer.pad_id`).
+Special ids come from the files, never from a family table:
+- sentencepiece: the model file (toy pad=0, unk=1, bos=2, eos=3; Gemma pad=0, eos=1, bos=2;
+  Llama 2 has no pad piece).
+- tokenizer.json: each of bos/eos/pad is the first of `tokenizer_config.json`'s `bos_token` /
+  `eos_token` / `pad_token` (a string, or an `{"content": ...}` dict in older files), then
+  `generation_config.json`'s and `config.json`'s `*_token_id` (an int, or a list whose first
+  entry is taken). `eos_ids` keeps every eos id any of the three files declares (Llama 3.1
+  Instruct: <|eot_id|>, <|end_of_text|>, <|eom_id|>). Llama 3 declares no pad: pad_id is then
+  eos_id (see `HFTokenizer.pad_id`). Qwen declares no bos in tokenizer_config.json and never
+  prepends one; bos_id is then generation_config.json's (<|endoftext|>), or eos_id if no file
+  names one; chat templates of such families set `bos=False`, so it is never written.
+
+Text that contains a special token's string (e.g. "<|im_end|>") is encoded as that special id
+by both backends (sentencepiece only for user-defined pieces), as Hugging Face does by default.
 """
 
 import io
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import sentencepiece as spm
+import tokenizers
 
 SENTENCEPIECE_FILE = "tokenizer.model"
+JSON_FILE = "tokenizer.json"
+# Files of a Hugging Face checkpoint that declare special tokens, in the order they are read.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_CONFIG_FILE = "config.json"
 
 # Fixed special ids of tokenizers trained here.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -25,7 +47,10 @@ class Tokenizer(Protocol):
     """What the rest of score_jax needs from a tokenizer.
 
     `encode` adds no bos/eos. `decode` skips pad ids and stops at nothing: eos and turn
-    markers are decoded like any other id (control ids such as bos/eos decode to "").
+    markers are decoded like any other id (sentencepiece control pieces such as bos/eos
+    decode to "", tokenizer.json special tokens to their text, e.g. "<|begin_of_text|>").
+    `vocab_size` is one more than the largest id (a model's embedding may be larger: Qwen pads
+    it). `eos_ids` lists every id the checkpoint declares as eos, `eos_id` first.
     """
 
     @property
@@ -39,6 +64,9 @@ class Tokenizer(Protocol):
 
     @property
     def eos_id(self) -> int: ...
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -55,7 +83,14 @@ class SentencePieceTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No sentencepiece model at {path}; pass a tokenizer.model file.")
         with open(path, "rb") as f:
-            self._sp = spm.SentencePieceProcessor(model_proto=f.read())
+            proto = f.read()
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{path} is not a sentencepiece model (Llama 3's original/tokenizer.model is tiktoken); "
+                f"pass the checkpoint's {JSON_FILE} instead."
+            ) from e
         self.path = path
 
     @property
@@ -80,6 +115,11 @@ class SentencePieceTokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The model file declares one eos id."""
+        return (self.eos_id,)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos or eos."""
         return self._sp.encode(text)
@@ -97,21 +137,142 @@ class SentencePieceTokenizer:
         return i
 
 
+def _read_config(directory: str, name: str) -> dict:
+    """The JSON object in `directory/name`, or {} if the checkpoint has no such file."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the checkpoint's original file.") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object; restore the original file.")
+    return value
+
+
+def _as_ids(value) -> list[int]:
+    """A config's `*_token_id` (None, an int, or a list of ints) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+class HFTokenizer:
+    """A `Tokenizer` over a Hugging Face `tokenizer.json` (Llama 3, Qwen, or any fast tokenizer).
+
+    Special ids are read from the checkpoint files next to `tokenizer.json` (module docstring).
+    Padding and truncation configured in the file are turned off: callers pad and cut.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {JSON_FILE} at {path}; pass a tokenizer.json file or its directory.")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust library raises a bare Exception on bad files
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read ({e}); "
+                             "restore the checkpoint's original file.") from e
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.path = path
+        self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+
+        directory = os.path.dirname(path) or "."
+        configs = [(name, _read_config(directory, name))
+                   for name in (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, MODEL_CONFIG_FILE)]
+        bos, eos, pad = (self._declared(configs, kind) for kind in ("bos", "eos", "pad"))
+        if not eos:
+            raise ValueError(f"{directory} declares no eos token in {TOKENIZER_CONFIG_FILE}, "
+                             f"{GENERATION_CONFIG_FILE} or {MODEL_CONFIG_FILE}; add the model's eos_token "
+                             f"to {TOKENIZER_CONFIG_FILE}.")
+        self._eos_ids = tuple(dict.fromkeys(eos))
+        self._bos_id = bos[0] if bos else self._eos_ids[0]
+        self._pad_id = pad[0] if pad else None
+
+    def _declared(self, configs: list[tuple[str, dict]], kind: str) -> list[int]:
+        """Ids the checkpoint declares for `kind` ("bos", "eos", "pad"), in file order."""
+        ids = []
+        for name, config in configs:
+            token = config.get(f"{kind}_token") if name == TOKENIZER_CONFIG_FILE else None
+            if isinstance(token, dict):
+                token = token.get("content")
+            if token is not None:
+                i = self._tok.token_to_id(str(token))
+                if i is None:
+                    raise ValueError(f"{name} names {kind}_token {token!r}, which is not a token of "
+                                     f"{self.path}; use the tokenizer files of one checkpoint together.")
+                ids.append(i)
+            for i in _as_ids(config.get(f"{kind}_token_id")):
+                if not 0 <= i < self._vocab_size:
+                    raise ValueError(f"{name} declares {kind}_token_id {i}, outside the tokenizer's "
+                                     f"{self._vocab_size} ids; use the tokenizer files of one checkpoint together.")
+                ids.append(i)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        """The declared pad id; for checkpoints without one (Llama 3) the eos id.
+
+        Padding is always marked separately (the data pipeline's `valid`), so reusing eos is
+        safe; `decode` then skips nothing.
+        """
+        return self._pad_id if self._pad_id is not None else self.eos_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_ids[0]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without the bos/eos the file's post-processor would add."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens included, with the declared pad id (if any) left out."""
+        return self._tok.decode([int(i) for i in ids if i != self._pad_id], skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int:
+        """Id of the single token `piece` (e.g. "<|eot_id|>"); raises KeyError if it is not one."""
+        i = self._tok.token_to_id(piece)
+        if i is None:
+            raise KeyError(f"{piece!r} is not a token of {self.path}; use a tokenizer that has it.")
+        return i
+
+
 def load(path: str | os.PathLike) -> Tokenizer:
-    """Loads the tokenizer at `path`: a `tokenizer.model` file or a directory containing one."""
+    """Loads the tokenizer at `path`: a `tokenizer.model` or `tokenizer.json` file, or a
+    checkpoint directory holding one (`tokenizer.model` wins if it holds both)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        candidate = os.path.join(path, SENTENCEPIECE_FILE)
-        if not os.path.isfile(candidate):
+        for name in (SENTENCEPIECE_FILE, JSON_FILE):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
             raise FileNotFoundError(
-                f"Directory {path} has no {SENTENCEPIECE_FILE}; pass the tokenizer file itself "
-                "or build the dataset that writes it."
+                f"Directory {path} has neither {SENTENCEPIECE_FILE} nor {JSON_FILE}; pass a checkpoint "
+                "directory or tokenizer file, or build the dataset that writes one."
             )
-        path = candidate
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"Tokenizer {path} does not exist; pass a {SENTENCEPIECE_FILE} file or its directory."
+            f"Tokenizer {path} does not exist; pass a {SENTENCEPIECE_FILE} or {JSON_FILE} file or its directory."
         )
+    if path.endswith(".json"):
+        return HFTokenizer(path)
     return SentencePieceTokenizer(path)
 
 
