@@ -127,6 +127,20 @@ def test_extract_program():
     assert code.extract_program("def f():\n    return 1\n") == "def f():\n    return 1\n"
 
 
+@pytest.mark.parametrize("completion, program", [
+    # Turn 1 after the 3-shot prompt's `[BEGIN]`: cut at the first [DONE], drop the rest.
+    ("def f():\n    return 1\n[DONE]\nYou are an expert Python programmer, and here is your "
+     "task: ...\n[BEGIN]\ndef g():\n    pass\n[DONE]", "def f():\n    return 1\n"),
+    # Turn 2 may repeat the delimiters itself, or fence the program inside them.
+    ("Fixed:\n[BEGIN]\ndef f():\n    return 2\n[DONE]\n", "def f():\n    return 2\n"),
+    ("[BEGIN]\n```python\ndef f():\n    return 3\n```\n[DONE]", "def f():\n    return 3\n"),
+    # Cut off before [DONE]: everything after the last [BEGIN].
+    ("[BEGIN]\ndef f():\n    return 4\n", "def f():\n    return 4\n"),
+])
+def test_extract_program_mbpp_delimiters(completion, program):
+    assert code.extract_program(completion) == program
+
+
 # ---------------------------------------------------------------------------------- isolation
 
 PROBE = r"""

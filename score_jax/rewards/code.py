@@ -19,11 +19,26 @@ from score_jax.rewards import sandbox
 # their own.
 DEFAULT_TIMEOUT_S = 10.0
 
+# MBPP's delimiters of a solution (Austin et al. 2021), as in its 3-shot prompt.
+_BEGIN, _DONE = "[BEGIN]", "[DONE]"
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def extract_program(completion: str) -> str:
-    """The program in a model completion: its last ```python fenced block, else all of it."""
+    """The program in a model completion: its last ```python fenced block, else all of it,
+    after cutting it to MBPP's `[BEGIN]`/`[DONE]` delimiters where it has them.
+
+    MBPP's 3-shot prompt ends with `[BEGIN]` and closes each example solution with `[DONE]`
+    (see score_jax/prompts.py), so the text before the first `[DONE]` is the answer (what
+    follows is the model continuing the few-shot pattern), taken after the last `[BEGIN]`
+    before it.
+    """
+    done = completion.find(_DONE)
+    if done >= 0:
+        completion = completion[:done]
+    begin = completion.rfind(_BEGIN)
+    if begin >= 0:
+        completion = completion[begin + len(_BEGIN):].removeprefix("\n")
     blocks = _FENCE_RE.findall(completion)
     return blocks[-1] if blocks else completion
 
