@@ -27,7 +27,10 @@ def data() -> ml_collections.ConfigDict:
         train_split="train",
         eval_split="test",
         seq_len=128,  # tokens per example, prompt and response together
-        too_long="error",  # error | skip | truncate: what to do with an example over seq_len
+        too_long="error",  # error | skip | truncate: an SFT example over seq_len, an RL prompt over rl.max_prompt_len
+        # SFT targets: record fields, one per attempt ("attempt1,attempt2" = two-turn episodes
+        # with task.correction between the attempts).
+        sft_fields="response",
     ))
 
 
@@ -55,6 +58,74 @@ def checkpoint() -> ml_collections.ConfigDict:
     ))
 
 
+def task() -> ml_collections.ConfigDict:
+    """What the model is asked and how it is scored (the toy task; configs/tasks.py has the rest)."""
+    from score_jax import prompts  # plain strings; imports nothing heavy
+    return ml_collections.ConfigDict(dict(
+        reward="toy",  # a key of score_jax.rewards.BATCH_REWARDS
+        chat_template="toy",  # a key of score_jax.chat.TEMPLATES
+        # Turn-1 user text; str.format fields are the dataset record's text fields.
+        prompt_template="{prompt}",
+        # SCoRe's fixed instruction between attempts (says nothing about correctness).
+        correction=prompts.TOY_CORRECTION,
+    ))
+
+
+def rl() -> ml_collections.ConfigDict:
+    """SCoRe Stage I / II (score_jax/rl.py). Paper values (Appendix B) in configs/stage*.py."""
+    return ml_collections.ConfigDict(dict(
+        # Objective per step: a string over {1, 2}, cycled in blocks of `schedule_block_steps`
+        # steps ("1" = Stage I only, "2" = Stage II only, "12" = interleaved I, II, I, ...).
+        schedule="1",
+        schedule_block_steps=0,  # 0 = one block (the schedule must then be one stage)
+        alpha=10.0,  # Stage II shaping: r2_hat = r(y2) + alpha * (r(y2) - r(y1))
+        shaping="difference",  # difference (paper) | indicator (fixing only) | none
+        beta1=0.01,  # KL weight on both turns (Stage II) and on turn 2 (Stage I)
+        beta2=0.1,  # Stage I KL weight on turn 1 (large: attempt 1 stays near the base)
+        baseline="loo",  # loo (leave-one-out over the k samples of a prompt) | mean | none
+        samples_per_prompt=4,  # k
+        kl_estimator="k2",  # k1 | k2 | k3; k2's gradient is that of KL(pi || ref) (losses.py)
+        kl_in_reward=False,  # False: beta * KL is a loss term; True: subtracted from the reward
+        # Token normalisation of the policy-gradient and KL terms: "constant" = sum over tokens
+        # / (episodes * max_new_tokens), i.e. the paper's sequence-level REINFORCE and sequence
+        # KL up to one fixed factor; "sequence" = per-sequence mean (GRPO); "token" = batch mean.
+        normalize="constant",
+        temperature=1.0,  # training samples (paper: 1.0); log-probs are always at temperature 1
+        top_k=0,
+        top_p=1.0,
+        max_prompt_len=32,  # tokens of x1 (template included); longer prompts: data.too_long
+        max_new_tokens=64,  # per attempt
+        chunk_len=64,  # sampler KV-cache chunk (score_jax/sampler.py)
+        # The frozen reference (the base model): a params export or a Hugging Face directory.
+        reference="",
+        keep_best=True,  # export the params with the best training reward to <workdir>/best
+        samples_every=20,  # steps between whole episodes written to <workdir>/samples.jsonl
+        samples_per_write=4,
+    ))
+
+
+def evaluation() -> ml_collections.ConfigDict:
+    """The eval job (score_jax/eval_job.py); also the evaluations inside configs/demo.py."""
+    return ml_collections.ConfigDict(dict(
+        params="",  # a params export (<run>/export or <run>/best)
+        split="test",
+        num_problems=0,  # the first N problems of the split; 0 = all
+        num_attempts=2,  # attempts per episode, each after the correction instruction
+        temperature=0.0,  # 0 = greedy (the paper's evaluation)
+        top_k=0,
+        top_p=1.0,
+        samples_per_problem=1,  # episodes per problem (metrics average over them)
+        batch_size=64,  # problems per sampler call
+        max_prompt_len=32,
+        max_new_tokens=80,
+        chunk_len=64,
+        # Inference-time scaling study: this many two-attempt episodes per problem at
+        # scaling_temperature, majority-voted at budgets 2, 4, ... (paper: 32 at 0.7); 0 = off.
+        scaling_samples=0,
+        scaling_temperature=0.7,
+    ))
+
+
 def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     """Fields shared by every job."""
     c = ml_collections.ConfigDict()
@@ -64,6 +135,7 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model = models.get(model_preset)
     c.mesh = mesh()
     c.data = data()
+    c.task = task()
     c.optim = optim()
     c.checkpoint = checkpoint()
     c.batch_size = 32  # global batch, in examples
@@ -73,6 +145,7 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     # vocabularies the [batch, length, vocab] logits dominate memory; chunks of 128-512 fix that.
     c.loss_chunk = 0
     c.init_from = ""  # a params-only export directory to start from; "" = random init
+    c.tokenizer = ""  # a tokenizer file or checkpoint directory; "" = the dataset's own (toy)
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
     # Persistent XLA compilation cache: a resumed or repeated run skips recompiling. "" = off.
     c.compilation_cache_dir = os.path.expanduser("~/.cache/score_jax/xla")

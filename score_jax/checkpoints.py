@@ -117,13 +117,28 @@ def export_params(path: str, params) -> None:
         ckptr.save(path, params, force=True)
 
 
+class MissingExportError(FileNotFoundError):
+    """A params export a job needs does not exist (the message says which and how to make it)."""
+
+
+def has_export(path: str) -> bool:
+    path = epath.Path(path)
+    return (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists()
+
+
+def require_export(path: str, what: str, how_to_create: str) -> None:
+    """Raises MissingExportError, before any work, if there is no export at ``path``."""
+    if not has_export(path):
+        raise MissingExportError(f"No {what} export found at {path}; create it with: {how_to_create}")
+
+
 def load_params(path: str, abstract_params, how_to_create: str = "") -> dict:
     """Restores an export onto ``abstract_params`` (ShapeDtypeStructs with shardings), so an
     export written on one mesh loads onto any other."""
+    if not has_export(path):
+        hint = f"; create it with: {how_to_create}" if how_to_create else ""
+        raise MissingExportError(f"No params export found at {path}{hint}")
     path = epath.Path(path)
-    if not (path / "_CHECKPOINT_METADATA").exists() and not (path / "_METADATA").exists():
-        hint = f" Create it with: {how_to_create}" if how_to_create else ""
-        raise FileNotFoundError(f"No params export found at {path}.{hint}")
     with ocp.StandardCheckpointer() as ckptr:
         try:
             return ckptr.restore(path, abstract_params)

@@ -42,8 +42,10 @@ class Outcome:
 
 def run(*, state, start_step: int, total_steps: int, step_fn: Callable, extra_fn: Callable[[], dict],
         manager: checkpoints.Manager, writer: metrics.Writer, log_every: int,
-        max_nonfinite_steps: int, tokens_key: str = "tokens") -> Outcome:
-    """Runs steps ``start_step + 1 .. total_steps`` (step numbers count finished steps)."""
+        max_nonfinite_steps: int, tokens_key: str = "tokens",
+        progress_keys: tuple[str, ...] = ("loss", "grad_norm", "lr", "tokens_per_s")) -> Outcome:
+    """Runs steps ``start_step + 1 .. total_steps`` (step numbers count finished steps);
+    ``progress_keys`` are the metrics shown on the console line."""
     last: dict = {}
     step = start_step
     last_log_step, last_log_t = start_step, time.perf_counter()
@@ -65,7 +67,7 @@ def run(*, state, start_step: int, total_steps: int, step_fn: Callable, extra_fn
                 m["tokens_per_s"] = m.get(tokens_key, 0.0) * (step - last_log_step) / max(now - last_log_t, 1e-9)
                 last_log_step, last_log_t = step, now
                 writer.scalars(step, m)
-                writer.progress(step, {k: m[k] for k in ("loss", "grad_norm", "lr", "tokens_per_s") if k in m})
+                writer.progress(step, {k: m[k] for k in progress_keys if k in m})
                 last = m
             manager.save(step, state, extra_fn)
             if stop or manager.reached_preemption(step):

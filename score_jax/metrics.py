@@ -22,26 +22,45 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class Writer:
-    """TensorBoard scalars (process 0 only) under ``<workdir>/tensorboard``, plus a console
-    line: step, loss, steps/s, tokens/s, ETA."""
+    """TensorBoard scalars under ``<workdir>/tensorboard`` and the same values as one JSON line
+    per logged step in ``<workdir>/metrics.jsonl`` (process 0 only), plus a console line:
+    step, the values shown, steps/s, ETA. A resumed run (``first_step`` > 0) first drops the
+    JSON lines of steps after ``first_step``, which it is about to run again."""
 
     def __init__(self, workdir: str, total_steps: int, first_step: int = 0, stream=sys.stdout):
         self.total_steps = total_steps
         self.stream = stream
         self._t0, self._step0 = time.perf_counter(), first_step
         self._tb = None
+        self._jsonl = epath.Path(workdir) / METRICS_FILE
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            if self._jsonl.exists():
+                keep = [ln for ln in self._jsonl.read_text().splitlines()
+                        if ln and json.loads(ln)["step"] <= first_step]
+                self._jsonl.write_text("".join(ln + "\n" for ln in keep))
 
     def scalars(self, step: int, values: dict) -> None:
         if self._tb is None:
             return
+        row = {"step": step}
         for k, v in values.items():
             v = float(np.asarray(v))
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
+                row[k] = v
+        line = json.dumps(row, sort_keys=True) + "\n"
+        if "://" in str(self._jsonl):  # object stores cannot append: rewrite the (small) file
+            old = self._jsonl.read_text() if self._jsonl.exists() else ""
+            self._jsonl.write_text(old + line)
+        else:
+            with open(self._jsonl, "a") as f:
+                f.write(line)
 
     def progress(self, step: int, values: dict) -> None:
         """Prints one progress line: the values, steps/s since the first step, and the ETA."""
@@ -57,6 +76,18 @@ class Writer:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def read_json(path: str):
+    return json.loads(epath.Path(path).read_text())
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file (metrics.jsonl, samples.jsonl); [] if it does not exist."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def write_json(path: str, obj) -> None:

@@ -10,14 +10,17 @@ import os
 import jax
 import numpy as np
 
-from score_jax import checkpoints, data, learner, loop, metrics, model, optim, settings, sharding
-from score_jax import tokenizer as tokenizer_lib
+from score_jax import chat, checkpoints, inputs, learner, loop, metrics, model, optim, settings, sharding
 from score_jax.data import pipeline
 
 
-def run(cfg: settings.TrainConfig, workdir: str) -> dict:
+def run(cfg: settings.TrainConfig, workdir: str, source=None, learn: str = "all") -> dict:
     """Trains, checkpoints, exports params to ``<workdir>/export`` and returns the summary
-    that is also written to ``<workdir>/summary.json``."""
+    that is also written to ``<workdir>/summary.json``.
+
+    ``source`` (records with the prompt and ``data.sft_fields``) replaces the dataset's train
+    split, e.g. the model's own episodes for the STaR and Pair-SFT baselines; ``learn`` is
+    ``pipeline.sft_loader``'s (which attempts carry the loss)."""
     # ------------------------------------------------------------------ mesh
     mesh = sharding.make_mesh(cfg.mesh)
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -27,16 +30,15 @@ def run(cfg: settings.TrainConfig, workdir: str) -> dict:
     log.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), mesh.size, n_proc)
 
     # ------------------------------------------------------------------ input
-    builder = data.prepare(cfg.data.name, cfg.data.data_dir, seed=cfg.data.builder_seed,
-                           train_size=cfg.data.num_train, test_size=cfg.data.num_test)
-    tok = tokenizer_lib.load(builder.tokenizer_path)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"The tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
-                         f"{cfg.model.vocab_size}; raise model.vocab_size.")
-    source = builder.as_data_source(split=cfg.data.train_split)
+    builder = inputs.dataset(cfg.data)
+    tok = inputs.tokenizer(cfg.tokenizer, builder, cfg.model)
+    if source is None:
+        source = builder.as_data_source(split=cfg.data.train_split)
     it = pipeline.sft_loader(source, tok, seq_len=cfg.data.seq_len, global_batch_size=cfg.batch_size,
                              seed=cfg.seed, shard_index=proc, shard_count=n_proc,
-                             too_long=cfg.data.too_long)
+                             too_long=cfg.data.too_long, template=chat.get(cfg.task.chat_template),
+                             attempt_fields=cfg.data.attempt_fields(), correction=cfg.task.correction,
+                             learn=learn, prompt_template=cfg.task.prompt_template)
     batch_shapes = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.seq_len), np.int32)
                     for k in ("tokens", "loss_mask", "valid")}
     b_shard = learner.batch_shardings(mesh, batch_shapes)
@@ -49,7 +51,7 @@ def run(cfg: settings.TrainConfig, workdir: str) -> dict:
     restored = manager.restore_latest(learner.abstract_state(cfg.model, tx, mesh))
     if restored is not None:
         start, state, extra = restored
-        _check_same_run(extra, cfg)
+        check_same_run(extra, cfg)
         it.set_state(extra["data"].encode() if isinstance(extra["data"], str) else extra["data"])
         log.info("Resumed from %s at step %d.", manager.directory, start)
     else:
@@ -57,7 +59,7 @@ def run(cfg: settings.TrainConfig, workdir: str) -> dict:
         init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)  # purpose 0: init
         params = None
         if cfg.init_from:
-            params = checkpoints.load_params(cfg.init_from, _abstract_params(cfg.model, mesh))
+            params = checkpoints.load_params(cfg.init_from, learner.abstract_params(cfg.model, mesh))
         state = learner.init_state(cfg.model, tx, mesh, init_key, params)
 
     # ------------------------------------------------------------------ update step
@@ -96,13 +98,8 @@ def run(cfg: settings.TrainConfig, workdir: str) -> dict:
     return summary
 
 
-def _abstract_params(cfg: model.ModelConfig, mesh) -> dict:
-    shard = model.param_shardings(cfg, mesh)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        model.param_shapes(cfg), shard)
-
-
-def _check_same_run(extra: dict, cfg: settings.TrainConfig) -> None:
+def check_same_run(extra: dict, cfg: settings.TrainConfig) -> None:
+    """Raises if the workdir's checkpoint belongs to a run with another seed or dataset."""
     if extra.get("seed") != cfg.seed or extra.get("data_name") != cfg.data.name:
         raise ValueError(
             f"The checkpoint in this workdir was written with seed={extra.get('seed')} and data "

@@ -31,7 +31,7 @@ def test_export_restores_onto_a_different_mesh(tmp_path):
 
 def test_missing_export_names_the_path_and_the_fix(tmp_path):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
-    with pytest.raises(FileNotFoundError, match=r"No params export found at .*nowhere.*Create it with: run X"):
+    with pytest.raises(FileNotFoundError, match=r"No params export found at .*nowhere; create it with: run X"):
         checkpoints.load_params(str(tmp_path / "nowhere"), _abstract(mesh), how_to_create="run X")
 
 

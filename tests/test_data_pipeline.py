@@ -129,7 +129,7 @@ def _with_bad_record(unique_source, index, **change):
     "change, message",
     [
         (dict(response=None), r"Record 5 has no 'response' field"),
-        (dict(prompt=12), r"Record 5 field 'prompt' is int, not text"),
+        (dict(prompt=12), r"Field 'prompt' of record 5 is int, not text"),
         (dict(answer="forty"), r"Record 5 answer 'forty' is not an integer"),
     ],
 )

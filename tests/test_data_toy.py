@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from score_jax import data
@@ -56,8 +57,8 @@ def _record_files(builder):
 def test_builder_identity(builds):
     builder = builds[0]
     assert builder.name == "toy_arithmetic"
-    assert str(builder.version) == "1.0.0"
-    assert set(builder.info.features) == {"prompt", "response", "answer"}
+    assert str(builder.version) == "1.1.0"
+    assert set(builder.info.features) == {"prompt", "response", "answer", "attempt1", "attempt2"}
     assert builder.info.splits["train"].num_examples == TRAIN
     assert builder.info.splits["test"].num_examples == TEST
     assert _record_files(builder) == [
@@ -165,3 +166,43 @@ def test_check_answer():
     assert toy.extract_answer("x\nAnswer:  12 \n") == "12"
     with pytest.raises(ValueError, match="not an integer"):
         toy.check_answer("Answer: 1", "one")
+
+
+def test_slips_change_one_line_and_the_answer_consistently():
+    """A slip puts one column's result off by one; the rest follows from the wrong line."""
+    assert toy.solve("+", 347, 85, slip=(1, 1))[1] == (
+        "7+5=12, write 2 carry 1\n4+8+1=14, write 4 carry 1\n3+0+1=4, write 4\nAnswer: 442")
+    assert toy.solve("*", 47, 6, slip=(0, -1))[1] == "7*6=41, write 1 carry 4\n4*6+4=28, write 28\nAnswer: 281"
+    # A carry that the wrong sum creates is carried on: 9+0 = 10 writes 0 and carries 1.
+    assert toy.solve("+", 19, 10, slip=(0, 1))[1] == "9+0=10, write 0 carry 1\n1+1+1=3, write 3\nAnswer: 30"
+    # Subtraction stays a digit: 9 - 0 cannot slip up to 10, so it slips down.
+    assert toy.solve("-", 59, 10, slip=(0, 1))[1].startswith("9-0=8, write 8")
+    for op, a, b in (("+", 347, 85), ("-", 42, 305), ("*", 47, 6), ("+", 10, 90), ("-", 100, 99)):
+        truth = int(toy.solve(op, a, b)[2])
+        for column in range(toy.columns(op, a, b)):
+            for delta in (-1, 1):
+                _, response, answer = toy.solve(op, a, b, slip=(column, delta))
+                assert int(answer) == truth  # the reference stays the true result
+                assert int(toy.extract_answer(response)) != truth, (op, a, b, column, delta)
+                clean = toy.solve(op, a, b)[1].splitlines()
+                changed = [i for i, (x, y) in enumerate(zip(response.splitlines(), clean)) if x != y]
+                assert changed[-1] == len(clean) - 1  # the answer line
+
+
+def test_base_attempts_slip_and_copy_at_their_rates_and_do_not_correct():
+    exs = toy.examples(seed=5, train_size=6000, test_size=10)["train"]
+    right1 = np.array([toy.check_answer(e["attempt1"], e["answer"]) for e in exs])
+    right2 = np.array([toy.check_answer(e["attempt2"], e["answer"]) for e in exs])
+    copies = np.array([e["attempt1"] == e["attempt2"] for e in exs])
+    assert abs((1 - right1.mean()) - toy.DEFAULT_SLIP_RATE) < 0.03
+    # Attempt 2 copies at the copy rate; a fresh attempt also equals attempt 1 when neither
+    # slips (and, rarely, when both make the same slip).
+    c, s = toy.DEFAULT_COPY_RATE, toy.DEFAULT_SLIP_RATE
+    same = c + (1 - c) * (1 - s) ** 2
+    assert same - 0.03 < copies.mean() < same + 0.04
+    fixed, broken = (~right1 & right2).mean(), (right1 & ~right2).mean()
+    assert fixed > 0.05 and broken > 0.05 and abs(fixed - broken) < 0.02  # Delta = 0: no correcting
+    # After a wrong attempt 1, attempt 2 is right only if it re-solved without a slip: whether
+    # it copies does not depend on attempt 1 being wrong.
+    assert abs(right2[~right1].mean() - (1 - c) * (1 - s)) < 0.04
+    assert abs(right2[right1].mean() - (c + (1 - c) * (1 - s))) < 0.03

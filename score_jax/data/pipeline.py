@@ -14,19 +14,20 @@ worker processes or prefetch threads), at about 1,800 toy examples/s on one busy
 """
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from score_jax import prompts
+from score_jax import chat, prompts
 from score_jax import tokenizer as tokenizer_lib
 
 TOO_LONG_MODES = ("error", "skip", "truncate")
 
 
-def _text(record: Mapping[str, Any], field: str, index: int) -> str:
+def text_field(record: Mapping[str, Any], field: str, index: int) -> str:
+    """The record's ``field`` as str (TFDS gives utf-8 bytes); errors name the record."""
     if field not in record:
         raise ValueError(
             f"Record {index} has no {field!r} field (it has {sorted(record)}); "
@@ -56,14 +57,21 @@ def tokenize_example(
     seq_len: int,
     too_long: str,
     integer_answer: bool,
-    render: Callable[[str], str],
-    end_of_turn: str,
+    template: chat.ChatTemplate,
+    attempt_fields: Sequence[str],
+    correction: str,
+    learn: str = "all",
+    prompt_template: str = "{prompt}",
 ) -> dict[str, np.ndarray] | None:
     """Renders and tokenises one record into SFT arrays, each int32 [seq_len].
 
-    tokens    = bos, render(prompt), response, end_of_turn, eos, then pad_id up to seq_len.
-    loss_mask = 1 where the token is a target to learn: the response, end_of_turn and eos
-                tokens. It is aligned with `tokens` (not shifted): a trainer predicting
+    tokens    = the chat template's episode: x1 (bos, the user turn with `prompt_template`
+                filled from the record, as RL prompts are (prompt_set), the model opener), then for each of `attempt_fields` its text and the model's
+                end of turn, the correction turn (`correction`) between attempts; then eos,
+                then pad_id up to seq_len. One field ("response") is plain single-turn SFT.
+    loss_mask = 1 where the token is a target to learn: every attempt with its end of turn
+                (learn="all"), or only the last attempt (learn="last": e.g. training a
+                correction given a fixed first attempt), and eos. It is aligned with `tokens` (not shifted): a trainer predicting
                 tokens[:, 1:] from tokens[:, :-1] weights its losses with loss_mask[:, 1:].
     valid     = 1 on every non-pad position.
 
@@ -71,10 +79,10 @@ def tokenize_example(
     is longer than seq_len and too_long == "skip"; with "truncate" keeps the first seq_len
     tokens (an example whose prompt fills seq_len then has no targets).
     """
-    prompt = _text(record, "prompt", index)
-    response = _text(record, "response", index)
+    prompt = prompts.render(prompt_template, record, index)
+    texts = [text_field(record, f, index) for f in attempt_fields]
     if integer_answer:
-        answer = _text(record, "answer", index)
+        answer = text_field(record, "answer", index)
         try:
             int(answer)
         except ValueError:
@@ -82,9 +90,17 @@ def tokenize_example(
                 f"Record {index} answer {answer!r} is not an integer; rebuild the dataset, or "
                 "pass integer_answer=False for datasets with free-form answers."
             ) from None
-    context = [tokenizer.bos_id] + tokenizer.encode(render(prompt))
-    target = tokenizer.encode(response) + tokenizer.encode(end_of_turn) + [tokenizer.eos_id]
-    length = len(context) + len(target)
+    ids = chat.encode_prompt(tokenizer, template, prompt)
+    mask = [0] * len(ids)
+    for t, text in enumerate(texts):
+        if t:
+            between = chat.instruction_ids(tokenizer, template, correction)
+            ids, mask = ids + between, mask + [0] * len(between)
+        turn = chat.response_ids(tokenizer, template, text)
+        learned = int(learn == "all" or t == len(texts) - 1)
+        ids, mask = ids + turn, mask + [learned] * len(turn)
+    ids, mask = ids + [tokenizer.eos_id], mask + [1]
+    length = len(ids)
     if length > seq_len:
         if too_long == "error":
             raise ValueError(
@@ -93,12 +109,12 @@ def tokenize_example(
             )
         if too_long == "skip":
             return None
-    ids = (context + target)[:seq_len]
+    ids, mask = ids[:seq_len], mask[:seq_len]
     n = len(ids)
     tokens = np.full((seq_len,), tokenizer.pad_id, np.int32)
     tokens[:n] = ids
     loss_mask = np.zeros((seq_len,), np.int32)
-    loss_mask[len(context) : n] = 1
+    loss_mask[:n] = mask
     valid = np.zeros((seq_len,), np.int32)
     valid[:n] = 1
     return {"tokens": tokens, "loss_mask": loss_mask, "valid": valid}
@@ -116,8 +132,11 @@ def sft_loader(
     too_long: str = "error",
     num_epochs: int | None = None,
     integer_answer: bool = True,
-    render: Callable[[str], str] = prompts.render_turn,
-    end_of_turn: str = prompts.END_OF_TURN,
+    template: chat.ChatTemplate = chat.TOY,
+    attempt_fields: Sequence[str] = ("response",),
+    correction: str = "",
+    learn: str = "all",
+    prompt_template: str = "{prompt}",
 ) -> grain.DatasetIterator:
     """Returns this shard's iterator of SFT batches; see `tokenize_example` for the arrays.
 
@@ -142,6 +161,10 @@ def sft_loader(
             f"global_batch_size={global_batch_size} must be a positive multiple of "
             f"shard_count={shard_count}; change the batch size or the number of processes."
         )
+    if learn not in ("all", "last"):
+        raise ValueError(f"learn={learn!r}; choose 'all' or 'last'.")
+    if len(attempt_fields) > 1 and not correction:
+        raise ValueError("Several attempts per example need the correction instruction between them.")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be at least 2.")
     if not 0 <= seed < 2**32:
@@ -156,8 +179,11 @@ def sft_loader(
         seq_len=seq_len,
         too_long=too_long,
         integer_answer=integer_answer,
-        render=render,
-        end_of_turn=end_of_turn,
+        template=template,
+        attempt_fields=tuple(attempt_fields),
+        correction=correction,
+        learn=learn,
+        prompt_template=prompt_template,
     )
     ds = grain.MapDataset.source(source)
     # After repeat the index runs past the source length; the record index is its remainder.

@@ -1,9 +1,12 @@
 """The CPU toy task: integer arithmetic with short step-by-step solutions, as a TFDS builder.
 
-Each example is a dict of three texts:
+Each example is a dict of five texts:
     prompt   "What is 347 + 85?"
     response "7+5=12, write 2 carry 1\n4+8+1=13, write 3 carry 1\n3+0+1=4, write 4\nAnswer: 432"
     answer   "432"
+    attempt1, attempt2   the toy base model's two attempts (its two-turn SFT targets): attempt 1
+             slips once with probability 0.3 ("4+8+1=14, write 4 carry 1" ... "Answer: 442"),
+             attempt 2 copies it or re-solves independently (see `attempts`)
 
 Problems are drawn in equal shares: addition and subtraction of two 2-3 digit numbers (results
 may be negative), and multiplication of a 2-3 digit number by a digit 2-9. (Train holds a few
@@ -38,6 +41,8 @@ DEFAULT_SEED = 0
 DEFAULT_TRAIN_SIZE = 20_000
 DEFAULT_TEST_SIZE = 2_000
 DEFAULT_VOCAB_SIZE = 256
+DEFAULT_SLIP_RATE = 0.3  # the base model's attempts: see `attempts`
+DEFAULT_COPY_RATE = 0.5
 
 # Characters the toy tokenizer always holds, so printable ASCII text encodes losslessly.
 PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))  # Space is always a piece.
@@ -80,64 +85,118 @@ def _digits(n: int, width: int) -> list[int]:
     return [(n // 10**i) % 10 for i in range(width)]
 
 
-def _add_steps(a: int, b: int) -> list[str]:
+# A slip is (column, delta): that column's result is off by delta (+1 or -1) and the solution
+# carries on consistently from the wrong line, so the error shows in one line only
+# ("7+5=13, write 3 carry 1") and in the final answer. None = no slip.
+Slip = tuple[int, int] | None
+
+
+def _off(slip: Slip, column: int) -> int:
+    return slip[1] if slip is not None and slip[0] == column else 0
+
+
+def _add_steps(a: int, b: int, slip: Slip = None) -> tuple[list[str], int]:
     width = max(len(str(a)), len(str(b)))
-    lines, carry = [], 0
+    lines, carry, value = [], 0, 0
     for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
-        total = x + y + carry
+        total, d = x + y + carry, _off(slip, i)
+        total = total + d if total + d >= 0 else total - d  # a slip never goes below 0
         expr = f"{x}+{y}" + ("+1" if carry else "")
         if i == width - 1:
             lines.append(f"{expr}={total}, write {total}")
+            value += total * 10**i
         else:
             carry = total // 10
             lines.append(f"{expr}={total}, write {total % 10}" + (" carry 1" if carry else ""))
-    return lines
+            value += (total % 10) * 10**i
+    return lines, value
 
 
-def _sub_steps(a: int, b: int) -> list[str]:
+def _sub_steps(a: int, b: int, slip: Slip = None) -> tuple[list[str], int]:
     """Column subtraction for a >= b >= 0."""
     width = len(str(a))
-    lines, borrow = [], 0
-    for x, y in zip(_digits(a, width), _digits(b, width)):
+    lines, borrow, value = [], 0, 0
+    for i, (x, y) in enumerate(zip(_digits(a, width), _digits(b, width))):
         top = x - borrow
         borrow_out = int(top < y)
         diff = top + 10 * borrow_out - y
+        d = _off(slip, i)
+        diff = diff + d if 0 <= diff + d <= 9 else diff - d  # a slip stays a digit
         expr = f"{x + 10 * borrow_out}" + ("-1" if borrow else "") + f"-{y}"
         lines.append(f"{expr}={diff}, write {diff}" + (" borrow 1" if borrow_out else ""))
+        value += diff * 10**i
         borrow = borrow_out
-    return lines
+    return lines, value
 
 
-def _mul_steps(a: int, d: int) -> list[str]:
+def _mul_steps(a: int, d: int, slip: Slip = None) -> tuple[list[str], int]:
     width = len(str(a))
-    lines, carry = [], 0
+    lines, carry, value = [], 0, 0
     for i, x in enumerate(_digits(a, width)):
-        total = x * d + carry
+        total, off = x * d + carry, _off(slip, i)
+        total = total + off if total + off >= 0 else total - off  # a slip never goes below 0
         expr = f"{x}*{d}" + (f"+{carry}" if carry else "")
         if i == width - 1:
             lines.append(f"{expr}={total}, write {total}")
+            value += total * 10**i
         else:
             carry = total // 10
             lines.append(f"{expr}={total}, write {total % 10}" + (f" carry {carry}" if carry else ""))
-    return lines
+            value += (total % 10) * 10**i
+    return lines, value
 
 
-def solve(op: str, a: int, b: int) -> tuple[str, str, str]:
-    """Returns (prompt, response, answer) for `a op b`, with a, b >= 0 and op in "+-*"."""
+def columns(op: str, a: int, b: int) -> int:
+    """Number of column lines in the solution of `a op b` (where a slip can happen)."""
+    if op == "-":
+        return len(str(max(a, b)))
+    return max(len(str(a)), len(str(b))) if op == "+" else len(str(a))
+
+
+def solve(op: str, a: int, b: int, slip: Slip = None) -> tuple[str, str, str]:
+    """Returns (prompt, response, answer) for `a op b`, with a, b >= 0 and op in "+-*".
+
+    With a `slip` the response makes that one mistake and states the wrong result it leads
+    to; `answer` is always the true result.
+    """
     if op == "+":
-        result, lines = a + b, _add_steps(a, b)
+        result = a + b
+        lines, value = _add_steps(a, b, slip)
     elif op == "-":
         result = a - b
         if a >= b:
-            lines = _sub_steps(a, b)
+            lines, value = _sub_steps(a, b, slip)
         else:
-            lines = [f"{a}<{b}, so compute {b}-{a} and negate"] + _sub_steps(b, a)
+            lines, value = _sub_steps(b, a, slip)
+            lines, value = [f"{a}<{b}, so compute {b}-{a} and negate"] + lines, -value
     elif op == "*":
-        result, lines = a * b, _mul_steps(a, b)
+        result = a * b
+        lines, value = _mul_steps(a, b, slip)
     else:
         raise ValueError(f"Unknown operator {op!r}; use one of {_OPS}.")
-    lines.append(f"Answer: {result}")
+    lines.append(f"Answer: {value}")
     return f"What is {a} {op} {b}?", "\n".join(lines), str(result)
+
+
+def attempts(op: str, a: int, b: int, rng: np.random.Generator, slip_rate: float,
+             copy_rate: float) -> tuple[str, str]:
+    """Two attempts at `a op b` as the toy *base* model should make them (its SFT targets).
+
+    Attempt 1 makes one slip with probability `slip_rate`. Attempt 2 copies attempt 1 with
+    probability `copy_rate`, else it is a fresh attempt that slips with the same probability,
+    independently of attempt 1. So the second attempt is right exactly as often as the first
+    (Delta = 0 in expectation) and the base model does not know how to correct: whether it
+    copies or re-solves does not depend on whether attempt 1 was right. That is the situation
+    SCoRe starts from (the paper's base models copy, or change right answers to wrong ones).
+    """
+    def one() -> str:
+        slip = None
+        if rng.random() < slip_rate:
+            slip = (int(rng.integers(columns(op, a, b))), int(rng.choice((-1, 1))))
+        return solve(op, a, b, slip)[1]
+
+    first = one()
+    return first, first if rng.random() < copy_rate else one()
 
 
 def _sample_problem(rng: np.random.Generator) -> tuple[str, int, int]:
@@ -178,12 +237,20 @@ def problems(seed: int, train_size: int, test_size: int) -> dict[str, list[tuple
     return {"train": train, "test": test}
 
 
-def examples(seed: int, train_size: int, test_size: int) -> dict[str, list[dict[str, str]]]:
-    """Returns {"train": [...], "test": [...]} lists of {"prompt", "response", "answer"} dicts."""
-    return {
-        split: [dict(zip(("prompt", "response", "answer"), solve(*p))) for p in ps]
-        for split, ps in problems(seed, train_size, test_size).items()
-    }
+def examples(seed: int, train_size: int, test_size: int, slip_rate: float = DEFAULT_SLIP_RATE,
+             copy_rate: float = DEFAULT_COPY_RATE) -> dict[str, list[dict[str, str]]]:
+    """Returns {"train": [...], "test": [...]} lists of {"prompt", "response", "answer",
+    "attempt1", "attempt2"} dicts: the correct solution, and two attempts (see `attempts`)."""
+    out = {}
+    for stream, (split, ps) in enumerate(problems(seed, train_size, test_size).items()):
+        rng = np.random.default_rng([seed, 2, stream])
+        rows = []
+        for p in ps:
+            row = dict(zip(("prompt", "response", "answer"), solve(*p)))
+            row["attempt1"], row["attempt2"] = attempts(*p, rng, slip_rate, copy_rate)
+            rows.append(row)
+        out[split] = rows
+    return out
 
 
 def tokenizer_corpus(train_examples: list[dict[str, str]]) -> list[str]:
@@ -256,8 +323,11 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
     # TFDS's own lookup of this file imports `importlib_resources`, which tfds 4.9.10 declares
     # only for Python < 3.9; naming the file here skips that lookup.
     code_path = epath.Path(__file__)
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Addition, subtraction, 2-3 digit by 1 digit multiplication."}
+    # The slip and copy rates are constants of a version: change them only with a new version.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Addition, subtraction, 2-3 digit by 1 digit multiplication.",
+                     "1.1.0": "attempt1 / attempt2: the toy base model's two attempts (slip rate "
+                              f"{DEFAULT_SLIP_RATE}, copy rate {DEFAULT_COPY_RATE})."}
     BUILDER_CONFIGS = [
         make_config(DEFAULT_SEED, DEFAULT_TRAIN_SIZE, DEFAULT_TEST_SIZE, DEFAULT_VOCAB_SIZE)
     ]
@@ -298,6 +368,8 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
                     "prompt": tfds.features.Text(),
                     "response": tfds.features.Text(),
                     "answer": tfds.features.Text(),
+                    "attempt1": tfds.features.Text(),
+                    "attempt2": tfds.features.Text(),
                 }
             ),
             supervised_keys=None,

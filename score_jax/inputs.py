@@ -1,0 +1,48 @@
+"""What every job reads before it trains or evaluates: the dataset (built if missing), the
+tokenizer, and the turn-1 prompts of a split."""
+
+from __future__ import annotations
+
+import logging
+
+from score_jax import chat, data, model, settings
+from score_jax import tokenizer as tokenizer_lib
+from score_jax.data import prompt_set
+
+log = logging.getLogger(__name__)
+
+
+def dataset(cfg: settings.DataConfig):
+    """The TFDS builder of ``cfg.name``, prepared under ``cfg.data_dir`` (built the first time)."""
+    kwargs = {}
+    if cfg.name == "toy_arithmetic":
+        kwargs = dict(seed=cfg.builder_seed, train_size=cfg.num_train, test_size=cfg.num_test)
+    return data.prepare(cfg.name, cfg.data_dir, **kwargs)
+
+
+def tokenizer(path: str, builder, model_cfg: model.ModelConfig) -> tokenizer_lib.Tokenizer:
+    """The tokenizer at ``path``, or ("") the one the dataset ships (the toy task's), checked
+    against the model's vocabulary."""
+    if not path:
+        path = getattr(builder, "tokenizer_path", "")
+        if not path:
+            raise ValueError(f"Dataset {builder.name!r} ships no tokenizer; set config.tokenizer to the "
+                             "model's tokenizer file or checkpoint directory.")
+    tok = tokenizer_lib.load(path)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"The tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
+                         f"{model_cfg.vocab_size}; raise model.vocab_size or use the model's own tokenizer.")
+    return tok
+
+
+def prompts(builder, split: str, tok: tokenizer_lib.Tokenizer, task: settings.TaskConfig, *,
+            max_prompt_len: int, too_long: str, limit: int = 0) -> prompt_set.PromptSet:
+    """The turn-1 prompts of ``split`` (the first ``limit`` records if > 0)."""
+    if split not in builder.info.splits:
+        raise ValueError(f"Dataset {builder.name!r} has no split {split!r}; it has "
+                         f"{sorted(builder.info.splits)}.")
+    ps = prompt_set.build(builder.as_data_source(split=split), tok, chat.get(task.chat_template),
+                          task.prompt_template, max_prompt_len=max_prompt_len, too_long=too_long, limit=limit)
+    log.info("%d prompts from %s[%s] (%d over max_prompt_len=%d, %s).", len(ps), builder.name, split,
+             ps.too_long, max_prompt_len, too_long)
+    return ps
