@@ -42,6 +42,12 @@ def abstract_state(cfg: model.ModelConfig, tx: optax.GradientTransformation, mes
                         shapes, state_shardings(cfg, tx, mesh))
 
 
+def abstract_params(cfg: model.ModelConfig, mesh: Mesh) -> dict:
+    """ShapeDtypeStructs with shardings of the params: the restore target of an export."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        model.param_shapes(cfg), model.param_shardings(cfg, mesh))
+
+
 def init_state(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                key: jax.Array, params: dict | None = None) -> State:
     """A fresh train state, created sharded. ``params`` (e.g. an export) replaces random init."""
@@ -99,3 +105,136 @@ def make_sft_step(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh
 
     return run
 
+
+
+# ---------------------------------------------------------------------------------------------
+# SCoRe RL steps. An RL batch holds R two-turn episodes packed by ``sampler.pack_episodes``:
+#   tokens, valid [R,T] (T = SamplerConfig.episode_len()); for turn t in (1, 2): start{t} [R]
+#   (position of the turn's first token), mask{t} [R,N] (its generated tokens), logp{t}_sampler
+#   [R,N] (the sampler's log-probs), truncated{t} [R] bool; r1, r2 [R] binary rewards;
+#   edit_ratio [R] (host-computed similarity of y1 and y2). Rows are prompt-major (k per prompt).
+# ---------------------------------------------------------------------------------------------
+
+RL_BATCH_KEYS = ("tokens", "valid", "start1", "start2", "mask1", "mask2", "logp1_sampler",
+                 "logp2_sampler", "truncated1", "truncated2", "r1", "r2", "edit_ratio")
+
+
+def episode_logprobs(cfg: model.ModelConfig, params: dict, tokens, valid, loss_chunk: int = 0):
+    """(log pi(tokens[:, j+1] | tokens[:, :j+1]), entropy at j), both [R, T-1] f32, from one
+    forward over the packed episodes (positions 0..T-1, padding masked by ``valid``)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    net = model.bind(cfg, params)
+    hidden, _ = net.hidden(tokens, positions, valid.astype(bool))
+    return losses.chunked_logprobs_and_entropy(net.unembed, hidden[:, :-1], tokens[:, 1:], loss_chunk)
+
+
+def turn_values(full: jax.Array, start: jax.Array, n: int) -> jax.Array:
+    """Turn values [R,n] from next-token values ``full`` [R,T-1]: entry i is the value of the
+    token at position start + i, i.e. column start + i - 1 (clipped; mask the tail)."""
+    idx = jnp.clip(start[:, None] - 1 + jnp.arange(n, dtype=jnp.int32), 0, full.shape[1] - 1)
+    return jnp.take_along_axis(full, idx, axis=1)
+
+
+REF_KEYS = ("tokens", "valid", "start1", "start2")  # what the reference forward reads
+
+
+def make_reference_logprobs(cfg: model.ModelConfig, mesh: Mesh, batch_shapes: dict, max_new_tokens: int,
+                            loss_chunk: int = 0) -> Callable:
+    """jit (ref_params, batch) -> (ref_logp1, ref_logp2) [R,N]: the frozen reference's log-probs
+    of both turns (reads only REF_KEYS of the batch, so it can run before the rewards exist).
+    No gradient, nothing donated (the reference is reused every step)."""
+
+    def fn(ref_params, batch):
+        full, _ = episode_logprobs(cfg, ref_params, batch["tokens"], batch["valid"], loss_chunk)
+        full = jax.lax.stop_gradient(full)
+        return (turn_values(full, batch["start1"], max_new_tokens),
+                turn_values(full, batch["start2"], max_new_tokens))
+
+    b_shard = batch_shardings(mesh, {k: batch_shapes[k] for k in REF_KEYS})
+    out = sharding.batch_sharding(mesh, 2)
+    jitted = jax.jit(fn, in_shardings=(model.param_shardings(cfg, mesh), b_shard), out_shardings=(out, out))
+
+    def run(ref_params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(ref_params, {k: batch[k] for k in REF_KEYS})
+
+    return run
+
+
+def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, ref_logp2, *, stage: int,
+            loss_chunk: int = 0):
+    """The SCoRe loss of ``stage`` (1 or 2) on a packed RL batch; returns (loss, metrics).
+
+    ``rl`` is a settings.RLConfig. The policy's log-probs of both turns come from one forward
+    over the packed episodes; ``losses.score_loss`` combines them with the reference's.
+    """
+    N = batch["mask1"].shape[1]
+    full, ent = episode_logprobs(cfg, params, batch["tokens"], batch["valid"], loss_chunk)
+    logp1, logp2 = turn_values(full, batch["start1"], N), turn_values(full, batch["start2"], N)
+    mask1, mask2 = batch["mask1"], batch["mask2"]
+    loss, m = losses.score_loss(
+        logp1=logp1, ref_logp1=ref_logp1, mask1=mask1, logp2=logp2, ref_logp2=ref_logp2, mask2=mask2,
+        r1=batch["r1"], r2=batch["r2"], stage=stage, alpha=rl.alpha, beta1=rl.beta1, beta2=rl.beta2,
+        shaping=rl.shaping, baseline=rl.baseline, k=rl.samples_per_prompt, kl_estimator=rl.kl_estimator,
+        kl_in_reward=rl.kl_in_reward, normalize=rl.normalize)
+    sg = jax.lax.stop_gradient
+    r1, r2 = batch["r1"], batch["r2"]
+
+    def tmean(x, mask):
+        return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+    m.update(
+        delta=jnp.mean(r2 - r1),  # Delta(t1, t2) on the training batch
+        delta_i_to_c=jnp.mean(((r1 == 0) & (r2 == 1)).astype(jnp.float32)),
+        delta_c_to_i=jnp.mean(((r1 == 1) & (r2 == 0)).astype(jnp.float32)),
+        entropy1=tmean(turn_values(ent, batch["start1"], N), mask1),
+        entropy2=tmean(turn_values(ent, batch["start2"], N), mask2),
+        len1=jnp.mean(jnp.sum(mask1, axis=1).astype(jnp.float32)),
+        len2=jnp.mean(jnp.sum(mask2, axis=1).astype(jnp.float32)),
+        truncated1=jnp.mean(batch["truncated1"].astype(jnp.float32)),
+        truncated2=jnp.mean(batch["truncated2"].astype(jnp.float32)),
+        edit_ratio=jnp.mean(batch["edit_ratio"]),
+        # The learner's and the sampler's log-probs of the same tokens: equal up to float
+        # rounding when both see the same weights (a check that they score the same episode).
+        logp_gap=jnp.maximum(tmean(jnp.abs(sg(logp1) - batch["logp1_sampler"]), mask1),
+                             tmean(jnp.abs(sg(logp2) - batch["logp2_sampler"]), mask2)),
+        stage=jnp.asarray(stage, jnp.float32),
+    )
+    return loss, m
+
+
+def make_rl_step(cfg: model.ModelConfig, rl, tx: optax.GradientTransformation, mesh: Mesh,
+                 batch_shapes: dict, stage: int, loss_chunk: int = 0) -> Callable:
+    """The jit SCoRe step of ``stage``: (state, batch, ref_logp1, ref_logp2) -> (state, metrics).
+    The state is donated; the reference log-probs come from ``make_reference_logprobs``."""
+
+    def step(state, batch, ref_logp1, ref_logp2):
+        (_, m), grads = jax.value_and_grad(
+            lambda p: rl_loss(cfg, rl, p, batch, ref_logp1, ref_logp2, stage=stage, loss_chunk=loss_chunk),
+            has_aux=True)(state["params"])
+        state, upd = _apply_update(tx, state, grads)
+        return state, dict(m, **upd, tokens=jnp.sum(batch["valid"]))
+
+    s_shard = state_shardings(cfg, tx, mesh)
+    b_shard = batch_shardings(mesh, batch_shapes)
+    lp = sharding.batch_sharding(mesh, 2)
+    jitted = jax.jit(step, in_shardings=(s_shard, b_shard, lp, lp),
+                     out_shardings=(s_shard, sharding.replicated(mesh)), donate_argnums=0)
+
+    def run(state, batch, ref_logp1, ref_logp2):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch, ref_logp1, ref_logp2)
+
+    return run
+
+
+def rl_batch_shapes(rows: int, episode_len: int, max_new_tokens: int) -> dict:
+    """ShapeDtypeStructs of an RL batch (see RL_BATCH_KEYS)."""
+    R, T, N = rows, episode_len, max_new_tokens
+    s = jax.ShapeDtypeStruct
+    return {"tokens": s((R, T), jnp.int32), "valid": s((R, T), jnp.bool_),
+            "start1": s((R,), jnp.int32), "start2": s((R,), jnp.int32),
+            "mask1": s((R, N), jnp.bool_), "mask2": s((R, N), jnp.bool_),
+            "logp1_sampler": s((R, N), jnp.float32), "logp2_sampler": s((R, N), jnp.float32),
+            "truncated1": s((R,), jnp.bool_), "truncated2": s((R,), jnp.bool_),
+            "r1": s((R,), jnp.float32), "r2": s((R,), jnp.float32), "edit_ratio": s((R,), jnp.float32)}

@@ -54,6 +54,37 @@ def chunked_token_logprobs(unembed, hidden: jax.Array, targets: jax.Array, chunk
     return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
 
 
+def _logprobs_entropy(logits: jax.Array, targets: jax.Array):
+    logp = token_logprobs(logits, targets)
+    lsm = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+    p = jnp.exp(lsm)
+    ent = -jnp.sum(jnp.where(p > 0, p * lsm, 0.0), axis=-1)  # -inf logits (soft-capped or masked) add 0
+    return logp, ent
+
+
+def chunked_logprobs_and_entropy(unembed, hidden: jax.Array, targets: jax.Array, chunk: int):
+    """(log p(targets) [B,T], entropy of the predictive distribution [B,T] in nats).
+
+    Like ``chunked_token_logprobs``; the entropy carries no gradient (a metric). hidden [B,T,D].
+    """
+    B, T, D = hidden.shape
+    if chunk <= 0 or chunk >= T:
+        return _logprobs_entropy(unembed(hidden), targets)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        hc, tc = args  # [B,chunk,D], [B,chunk]
+        return _logprobs_entropy(unembed(hc), tc)
+
+    logp, ent = jax.lax.map(one, (h, t))  # [n,B,chunk] each
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]  # noqa: E731
+    return unchunk(logp), unchunk(ent)
+
+
 # ---------------------------------------------------------------------------------------------
 # SCoRe RL losses. Shapes: B episodes (prompt-major: rows [p*k:(p+1)*k] are the k samples of
 # prompt p), T tokens of one turn (T1, T2 may differ), V vocabulary, k samples per prompt.

@@ -37,8 +37,9 @@ class ConfigError(ValueError):
 
 def _jobs():
     # Imported here so `--help` and config errors do not pay for importing jax.
-    from score_jax import sft
-    return {"sft": (sft.run, _train_config)}
+    from score_jax import demo, eval_job, rl, sft
+    return {"sft": (sft.run, _train_config), "stage1": (rl.run, _rl_config), "stage2": (rl.run, _rl_config),
+            "eval": (eval_job.run, _eval_config), "demo": (demo.run, _demo_config)}
 
 
 def build(cls, cd, where: str = "config"):
@@ -72,6 +73,33 @@ def _train_config(cd):
     return build(settings.TrainConfig, cd)
 
 
+def _rl_config(cd):
+    from score_jax import settings
+    return build(settings.RLTrainConfig, cd)
+
+
+def _eval_config(cd):
+    from score_jax import settings
+    return build(settings.EvalJobConfig, cd)
+
+
+_SHARED = ("model", "mesh", "data", "task")  # the demo's sub-jobs all use the top-level ones
+
+
+def _demo_config(cd):
+    from score_jax import settings
+    subs = ("pretrain", "sft", "stage1", "stage2", "eval")
+    plain = cd.to_dict()
+    shared = {k: plain.pop(k) for k in _SHARED}
+    for sub in subs:
+        for k, v in shared.items():
+            if k == "data" and sub in ("pretrain", "sft"):
+                v = dict(v, seq_len=plain[sub]["data"]["seq_len"], sft_fields=plain[sub]["data"]["sft_fields"])
+            plain[sub][k] = v
+        plain[sub]["model_preset"] = plain["model_preset"]
+    return build(settings.DemoConfig, plain)
+
+
 def main(argv):
     del argv
     # Libraries (Orbax above all) log through absl at INFO; keep their warnings, and our own
@@ -101,12 +129,15 @@ def main(argv):
     if jax.process_index() == 0:
         (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
-    from score_jax import loop
+    from score_jax import checkpoints, loop
     try:
         run(cfg, workdir)
     except loop.NonFiniteError as e:
         logging.getLogger("score_jax").error("Training stopped: %s", e)
         sys.exit(3)
+    except checkpoints.MissingExportError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parse_flags(argv):

@@ -25,6 +25,22 @@ BATCH_REWARDS = {
     "code": code.completion_rewards,
 }
 
+
+
+def _math_answer(completion: str) -> str | None:
+    answer = math.extract_answer(completion)
+    return None if answer is None else math.normalize_answer(answer)
+
+
+# Final-answer extraction for majority voting, (completion) -> canonical answer str or None,
+# and the inverse, (answer) -> a completion that the task's reward scores as that answer.
+# Code has no final answer to vote on.
+ANSWERS = {"toy": toy.final_answer, "math": _math_answer}
+ANSWER_TEXT = {
+    "toy": lambda a: f"Answer: {a}",
+    "math": lambda a: f"Final Answer: The final answer is ${a}$. I hope it is correct.",
+}
+
 # The public API, re-exported.
 math_reward = math.math_reward
 toy_reward = toy.toy_reward

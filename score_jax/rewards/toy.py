@@ -6,6 +6,13 @@ The task itself (problems, step-by-step solutions) and the answer-line format
 from score_jax.rewards import math as math_reward_lib
 
 
+def final_answer(completion: str) -> str | None:
+    """The integer on the last `Answer: <integer>` line, canonical (`007` -> "7"), or None."""
+    from score_jax.data import toy as toy_data  # see toy_reward
+    answer = math_reward_lib.extract_answer(completion, pattern=toy_data.ANSWER_PATTERN)
+    return None if answer is None else str(int(answer))
+
+
 def toy_reward(completion: str, reference: str) -> float:
     """1.0 if the last `Answer: <integer>` line of `completion` states the integer `reference`
     (compared by value, so `Answer: 007` matches "7"), else 0.0.
