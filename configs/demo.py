@@ -1,0 +1,96 @@
+"""The CPU demonstration: base SFT, base evaluation, Stage I, Stage II, evaluation, the table.
+
+    python -m score_jax.main --config=configs/demo.py --workdir=runs/demo          # base vs SCoRe
+    python -m score_jax.main --config=configs/demo.py:table --workdir=runs/table   # every row, 3 seeds
+
+Every sub-job's config is here in full (``--config.stage1.rl.beta2=...``,
+``--config.sft.total_steps=...``); ``model``, ``mesh``, ``data`` and ``task`` are shared by all
+of them (set them at the top level: ``--config.model.d_model=...``). Arguments: "" (the demo),
+"table" (the paper's table at toy scale, writes RESULTS.md) and "tiny" (CI: seconds per step).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import eval as eval_config
+from configs import sft as sft_config
+from configs import stage1 as stage1_config
+from configs import stage2 as stage2_config
+from score_jax import prompts
+
+ALL_ROWS = "base,self_refine,star,pair_sft,naive_rl,no_stage1,no_shaping,stage1_only,score"
+
+
+def _unlocked(c):
+    c = ml_collections.ConfigDict(c.to_dict())
+    return c
+
+
+def get_config(arg: str = ""):
+    preset = "tiny" if arg == "tiny" else "toy"
+    c = ml_collections.ConfigDict()
+    c.job = "demo"
+    c.seed = 0
+    c.model_preset = preset
+    c.distributed = False
+    base = common.base(preset)
+    c.compilation_cache_dir = base.compilation_cache_dir
+    c.model, c.mesh, c.data, c.task = base.model, base.mesh, base.data, base.task
+
+    # Pre-training: single-turn SFT on correct solutions (the model learns the arithmetic).
+    c.pretrain = _unlocked(sft_config.get_config(preset))
+    c.pretrain.data.sft_fields = "response"
+    c.pretrain.data.seq_len = 96
+    c.pretrain.total_steps = 600
+    c.pretrain.optim.learning_rate = 3e-3
+    c.pretrain.log_every = 50
+    # The base model: two-turn SFT on the base's attempts (attempt 2 copies or re-solves,
+    # independently of whether attempt 1 was right: it cannot correct yet).
+    c.sft = _unlocked(sft_config.get_config(preset))
+    c.sft.data.sft_fields = "attempt1,attempt2"
+    c.sft.data.seq_len = 192
+    c.sft.total_steps = 200
+    c.sft.optim.learning_rate = 1e-3
+    c.sft.optim.warmup_steps = 10
+    c.sft.log_every = 25
+    c.stage1 = _unlocked(stage1_config.get_config(preset))
+    c.stage2 = _unlocked(stage2_config.get_config(preset))
+    c.eval = _unlocked(eval_config.get_config(preset))
+    # The toy's mistakes are sampled slips (greedy decoding never makes them), so it is
+    # evaluated as it is trained: at temperature 1, several samples per problem.
+    c.eval.eval.temperature = 1.0
+    c.eval.eval.samples_per_problem = 4
+    c.eval.eval.num_problems = 500
+    c.eval.eval.batch_size = 125
+
+    c.demo = ml_collections.ConfigDict(dict(
+        rows="base,score",
+        seeds=1,
+        # Self-Refine-style prompting: the base model, untrained, asked to review and fix.
+        self_refine_correction=prompts.TOY_SELF_REFINE,
+        star_rounds=2,  # STaR: sample, keep successful corrections, fine-tune; repeated
+        star_prompts=2000,  # training prompts sampled per STaR round / for Pair-SFT
+        star_samples=4,
+        baseline_sft_steps=100,  # fine-tuning steps per STaR round and for Pair-SFT
+        results_md="",
+    ))
+    if arg == "table":
+        c.demo.rows = ALL_ROWS
+        c.demo.seeds = 3
+        c.demo.results_md = "RESULTS.md"
+        c.eval.eval.num_problems = 1000
+    elif arg == "tiny":
+        c.data.num_train, c.data.num_test = 2000, 200
+        for job in (c.pretrain, c.sft):
+            job.total_steps, job.log_every, job.batch_size = 4, 2, 8
+        c.sft.data.seq_len = 192
+        for job in (c.stage1, c.stage2):
+            job.total_steps, job.log_every, job.batch_size = 3, 1, 4
+            job.checkpoint.every_steps = 2
+        c.eval.eval.num_problems, c.eval.eval.batch_size, c.eval.eval.samples_per_problem = 16, 8, 2
+        c.demo.rows = ALL_ROWS
+        c.demo.star_rounds, c.demo.star_prompts, c.demo.star_samples, c.demo.baseline_sft_steps = 1, 16, 2, 2
+    elif arg:
+        raise ValueError(f"configs/demo.py takes '', 'table' or 'tiny', not {arg!r}.")
+    c.lock()
+    return c

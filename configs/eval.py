@@ -1,0 +1,30 @@
+"""Self-correction evaluation of an export: Acc@t1, Acc@t2, Delta, i->c, c->i with 95% CIs.
+
+    python -m score_jax.main --config=configs/eval.py:toy --config.eval.params=runs/stage2_toy/export
+
+Argument: PRESET[,TASK] as in configs/stage1.py. ``eval.params`` defaults to the stage2 run of
+the preset. Greedy by default; ``--config.eval.temperature=1.0 --config.eval.samples_per_problem=4``
+samples; ``--config.eval.num_attempts=10`` evaluates repeated correction;
+``--config.eval.scaling_samples=32`` adds the inference-scaling study.
+"""
+
+import os
+
+from configs import common, rl_common
+
+_TRAINING_ONLY = ("optim", "checkpoint", "batch_size", "total_steps", "log_every", "loss_chunk", "init_from")
+
+
+def get_config(arg: str = "toy"):
+    preset, task = rl_common.parse(arg)
+    if task != "toy":
+        raise ValueError(f"Task {task!r} is not wired into the eval config yet; use the toy task.")
+    c = common.base(preset)
+    for key in _TRAINING_ONLY:
+        del c[key]
+    c.job = "eval"
+    c.eval = common.evaluation()
+    c.eval.params = os.path.join(rl_common.run_dir("stage2", preset), "export")
+    c.eval.split = c.data.eval_split
+    c.lock()
+    return c
