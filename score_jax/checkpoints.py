@@ -117,6 +117,13 @@ def export_params(path: str, params) -> None:
         ckptr.save(path, params, force=True)
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """Steps with a checkpoint directory under ``<workdir>/checkpoints`` (complete or not),
+    without starting a manager: enough to know whether a run would resume."""
+    d = epath.Path(workdir) / CHECKPOINT_DIR
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
 class MissingExportError(FileNotFoundError):
     """A params export a job needs does not exist (the message says which and how to make it)."""
 

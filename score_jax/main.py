@@ -135,8 +135,12 @@ def main(argv):
     except loop.NonFiniteError as e:
         logging.getLogger("score_jax").error("Training stopped: %s", e)
         sys.exit(3)
-    except checkpoints.MissingExportError as e:
-        print(f"Error: {e}", file=sys.stderr)
+    except (checkpoints.MissingExportError, ValueError) as e:
+        # What a user can cause (a missing export, bad data, a config that cannot work) says
+        # so in one line; SCORE_JAX_DEBUG=1 shows where it was raised.
+        if os.environ.get("SCORE_JAX_DEBUG"):
+            raise
+        print(f"Error: {e} (SCORE_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -18,10 +18,12 @@ the prompt order is a function of the seed, so a resumed run repeats an uninterr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,13 +75,8 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
                          f"data x fsdp = {shards}.")
     log.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), mesh.size, n_proc)
 
-    # ------------------------------------------------------------------ checkpoints first: fail fast
-    tx = optim.make(cfg.optim, cfg.total_steps, model.param_axes(cfg.model))
-    lr_at = optim.schedule(cfg.optim, cfg.total_steps)
-    abstract = learner.abstract_params(cfg.model, mesh)
-    manager = checkpoints.Manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
-                                  cfg.checkpoint.async_save)
-    resuming = manager.latest_step() is not None
+    # ------------------------------------------------------------------ exports first: fail fast
+    resuming = bool(checkpoints.saved_steps(workdir))
     ref_hint = how_to_create(rl.reference, "sft", cfg.model_preset)
     checkpoints.require_export(rl.reference, "reference (base model)", ref_hint)
     if not resuming and cfg.init_from:
@@ -97,14 +94,57 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
     instruction = np.asarray(chat.instruction_ids(tok, template, cfg.task.correction), np.int32)
     stop_ids = tuple(dict.fromkeys(chat.stop_ids(tok, template) + (tok.eos_id,)))
     scfg = sampler_config(rl, len(instruction), stop_ids, tok.pad_id)
-    k, rows = rl.samples_per_prompt, cfg.batch_size * rl.samples_per_prompt
+    rows = cfg.batch_size * rl.samples_per_prompt
     batch_shapes = learner.rl_batch_shapes(rows, scfg.episode_len(), rl.max_new_tokens)
     b_shard = learner.batch_shardings(mesh, batch_shapes)
     p_shard = learner.batch_shardings(mesh, {"tokens": jax.ShapeDtypeStruct((cfg.batch_size, rl.max_prompt_len), jnp.int32),
                                              "lengths": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)})
 
     # ------------------------------------------------------------------ model: reference and policy
+    tx = optim.make(cfg.optim, cfg.total_steps, model.param_axes(cfg.model))
+    lr_at = optim.schedule(cfg.optim, cfg.total_steps)
+    abstract = learner.abstract_params(cfg.model, mesh)
     ref_params = checkpoints.load_params(rl.reference, abstract, ref_hint)
+    manager = checkpoints.Manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
+                                  cfg.checkpoint.async_save)
+    setup = _Setup(cfg=cfg, workdir=workdir, mesh=mesh, tx=tx, lr_at=lr_at, abstract=abstract, ref_params=ref_params,
+                   tok=tok, ps=ps, it=it, instruction=instruction, stop_ids=stop_ids, scfg=scfg,
+                   batch_shapes=batch_shapes, b_shard=b_shard, p_shard=p_shard, reward_fn=reward_fn)
+    try:
+        return _train(setup, manager)
+    finally:
+        manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What ``run`` prepared before any device work: the checked inputs of ``_train``."""
+
+    cfg: settings.RLTrainConfig
+    workdir: str
+    mesh: Any
+    tx: Any
+    lr_at: Any
+    abstract: dict
+    ref_params: dict
+    tok: Any
+    ps: prompt_set.PromptSet
+    it: Any
+    instruction: np.ndarray
+    stop_ids: tuple
+    scfg: sampler_lib.SamplerConfig
+    batch_shapes: dict
+    b_shard: dict
+    p_shard: dict
+    reward_fn: Any
+
+
+def _train(setup: _Setup, manager: checkpoints.Manager) -> dict:
+    cfg, workdir, mesh, tx, lr_at, abstract, ref_params = (setup.cfg, setup.workdir, setup.mesh, setup.tx,
+                                                           setup.lr_at, setup.abstract, setup.ref_params)
+    tok, ps, it, instruction, stop_ids, scfg = setup.tok, setup.ps, setup.it, setup.instruction, setup.stop_ids, setup.scfg
+    batch_shapes, b_shard, p_shard, reward_fn = setup.batch_shapes, setup.b_shard, setup.p_shard, setup.reward_fn
+    rl, k = cfg.rl, cfg.rl.samples_per_prompt
     restored = manager.restore_latest(learner.abstract_state(cfg.model, tx, mesh))
     best = {"reward": -float("inf"), "step": 0}
     if restored is not None:
@@ -178,7 +218,6 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
                        max_nonfinite_steps=cfg.optim.max_nonfinite_steps, progress_keys=PROGRESS_KEYS)
     finally:
         writer.close()
-        manager.close()
     if out.stopped_early:
         return {"step": out.step, "stopped_early": True}
 
