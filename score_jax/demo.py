@@ -73,7 +73,9 @@ class _Seed:
         if name not in self._made and not _done(wd):
             log.info("demo seed %d: %s", self.seed, name)
             os.makedirs(wd, exist_ok=True)
-            out = job(dataclasses.replace(cfg, seed=self.seed), wd, **kw)
+            cfg = dataclasses.replace(cfg, seed=self.seed)
+            metrics.write_json(os.path.join(wd, "config.json"), dataclasses.asdict(cfg))
+            out = job(cfg, wd, **kw)
             if out.get("stopped_early"):
                 raise Stopped(name)
         self._made.add(name)
@@ -162,6 +164,7 @@ class _Seed:
             if method == "self_refine":
                 task = dataclasses.replace(task, correction=self.cfg.demo.self_refine_correction)
             cfg = dataclasses.replace(ev, seed=self.seed, task=task, eval=dataclasses.replace(ev.eval, params=params))
+            metrics.write_json(os.path.join(wd, "config.json"), dataclasses.asdict(cfg))
             eval_job.run(cfg, wd)
         return metrics.read_json(os.path.join(wd, "eval.json"))
 
