@@ -21,6 +21,7 @@ def data() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="toy_arithmetic",  # a key of score_jax.data.BUILDERS
         data_dir=os.path.expanduser("~/tensorflow_datasets"),  # TFDS data_dir; built here if missing
+        manual_dir="",  # where math / mbpp / gsm8k read the files you provide ("" = TFDS's default)
         builder_seed=0,  # the toy task's generation seed (part of the dataset's identity)
         num_train=20_000,
         num_test=2_000,

@@ -17,14 +17,19 @@ _TRAINING_ONLY = ("optim", "checkpoint", "batch_size", "total_steps", "log_every
 
 def get_config(arg: str = "toy"):
     preset, task = rl_common.parse(arg)
-    if task != "toy":
-        raise ValueError(f"Task {task!r} is not wired into the eval config yet; use the toy task.")
     c = common.base(preset)
     for key in _TRAINING_ONLY:
         del c[key]
     c.job = "eval"
+    t = rl_common.with_task(c, preset, task)
     c.eval = common.evaluation()
     c.eval.params = os.path.join(rl_common.run_dir("stage2", preset), "export")
     c.eval.split = c.data.eval_split
+    if task != "toy":
+        c.eval.max_prompt_len, c.eval.max_new_tokens = t.max_prompt_len, t.max_new_tokens
+        c.eval.batch_size, c.eval.chunk_len = 32, 128
+        c.tokenizer = os.path.join("checkpoints", preset)
+        c.mesh.data, c.mesh.fsdp = 1, -1
+        c.model.dtype = "bfloat16"
     c.lock()
     return c

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from score_jax import chat, checkpoints, episodes, evaluate, inputs, learner, metrics, model, rewards
+from score_jax import chat, episodes, evaluate, inputs, metrics, model, rewards
 from score_jax import sampler as sampler_lib
 from score_jax import settings, sharding
 from score_jax.data import prompt_set
@@ -45,10 +45,12 @@ class Decoding:
     chunk_len: int
 
 
+_HOW = "any training job writes <workdir>/export at its end"
+
+
 def load_policy(path: str, cfg: model.ModelConfig, mesh) -> dict:
-    """Params from a params export (``<run>/export``, ``<run>/best``)."""
-    return checkpoints.load_params(path, learner.abstract_params(cfg, mesh),
-                                   "any training job writes <workdir>/export at its end")
+    """Params from a params export (``<run>/export``, ``<run>/best``) or a Hugging Face directory."""
+    return inputs.params(path, cfg, mesh, _HOW)
 
 
 def generate(cfg: model.ModelConfig, params: dict, mesh, ps: prompt_set.PromptSet, tok, template: chat.ChatTemplate,
@@ -151,7 +153,7 @@ def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
         raise ValueError(f"task.reward={task.reward!r}; choose one of {sorted(rewards.BATCH_REWARDS)}.")
     if not ev.params:
         raise ValueError("eval.params is empty; point it at an export, e.g. runs/stage2_toy/export.")
-    checkpoints.require_export(ev.params, "params", "any training job writes <workdir>/export at its end")
+    inputs.require_params(ev.params, "params", _HOW)
     mesh = sharding.make_mesh(cfg.mesh)
     builder = inputs.dataset(cfg.data)
     tok = inputs.tokenizer(cfg.tokenizer, builder, cfg.model)

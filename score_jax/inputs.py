@@ -4,6 +4,7 @@ tokenizer, and the turn-1 prompts of a split."""
 from __future__ import annotations
 
 import logging
+import os
 
 from score_jax import chat, data, model, settings
 from score_jax import tokenizer as tokenizer_lib
@@ -17,17 +18,28 @@ def dataset(cfg: settings.DataConfig):
     kwargs = {}
     if cfg.name == "toy_arithmetic":
         kwargs = dict(seed=cfg.builder_seed, train_size=cfg.num_train, test_size=cfg.num_test)
+    elif data.needs_manual_dir(cfg.name):
+        kwargs = dict(manual_dir=cfg.manual_dir or None)
     return data.prepare(cfg.name, cfg.data_dir, **kwargs)
 
 
+def split_names(split: str) -> list[str]:
+    """The split names in a TFDS split string: "train+test[:10%]" -> ["train", "test"]."""
+    return [part.split("[")[0].strip() for part in split.split("+")]
+
+
 def tokenizer(path: str, builder, model_cfg: model.ModelConfig) -> tokenizer_lib.Tokenizer:
-    """The tokenizer at ``path``, or ("") the one the dataset ships (the toy task's), checked
-    against the model's vocabulary."""
+    """The tokenizer at ``path`` (a file, or a checkpoint directory holding tokenizer.model or
+    tokenizer.json), or ("") the one the dataset ships (the toy task's), checked against the
+    model's vocabulary."""
     if not path:
         path = getattr(builder, "tokenizer_path", "")
         if not path:
             raise ValueError(f"Dataset {builder.name!r} ships no tokenizer; set config.tokenizer to the "
                              "model's tokenizer file or checkpoint directory.")
+    if not os.path.exists(path):
+        raise ValueError(f"No tokenizer at {path}; set config.tokenizer to the model's checkpoint directory "
+                         "(with tokenizer.json or tokenizer.model).")
     tok = tokenizer_lib.load(path)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"The tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
@@ -38,7 +50,7 @@ def tokenizer(path: str, builder, model_cfg: model.ModelConfig) -> tokenizer_lib
 def prompts(builder, split: str, tok: tokenizer_lib.Tokenizer, task: settings.TaskConfig, *,
             max_prompt_len: int, too_long: str, limit: int = 0) -> prompt_set.PromptSet:
     """The turn-1 prompts of ``split`` (the first ``limit`` records if > 0)."""
-    if split not in builder.info.splits:
+    if not split or any(name not in builder.info.splits for name in split_names(split)):
         raise ValueError(f"Dataset {builder.name!r} has no split {split!r}; it has "
                          f"{sorted(builder.info.splits)}.")
     ps = prompt_set.build(builder.as_data_source(split=split), tok, chat.get(task.chat_template),
@@ -46,3 +58,21 @@ def prompts(builder, split: str, tok: tokenizer_lib.Tokenizer, task: settings.Ta
     log.info("%d prompts from %s[%s] (%d over max_prompt_len=%d, %s).", len(ps), builder.name, split,
              ps.too_long, max_prompt_len, too_long)
     return ps
+
+
+def params(path: str, cfg: model.ModelConfig, mesh, how_to_create: str = "") -> dict:
+    """Params from ``path`` onto ``mesh``: a params export of ours (Orbax, any run's export/ or
+    best/) or a Hugging Face checkpoint directory (config.json + safetensors; its config must
+    describe ``cfg``'s architecture)."""
+    from score_jax import checkpoints, hf, learner
+    if hf.is_hf_checkpoint(path):
+        return hf.load_params(path, cfg, mesh, dtype=cfg.param_dtype)
+    return checkpoints.load_params(path, learner.abstract_params(cfg, mesh), how_to_create)
+
+
+def require_params(path: str, what: str, how_to_create: str) -> None:
+    """Raises checkpoints.MissingExportError, before any work, if ``path`` holds no params."""
+    from score_jax import checkpoints, hf
+    if not (checkpoints.has_export(path) or hf.is_hf_checkpoint(path)):
+        raise checkpoints.MissingExportError(
+            f"No {what} export (or Hugging Face checkpoint) found at {path}; create it with: {how_to_create}")

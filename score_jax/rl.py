@@ -46,6 +46,9 @@ _PURPOSE_SAMPLING = 2  # root-key purposes: 0 init (sft), 2 sampling
 
 def how_to_create(path: str, job: str, preset: str) -> str:
     """The command that writes the export at ``path`` (for missing-export errors)."""
+    if os.path.basename(os.path.normpath(path)) not in (checkpoints.EXPORT_DIR, BEST_DIR):
+        return (f"copy a Hugging Face checkpoint of {preset} (config.json, *.safetensors, the tokenizer) "
+                f"into {path}, or point the config at a run's export/")
     workdir = os.path.dirname(os.path.normpath(path))
     return f"python -m score_jax.main --config=configs/{job}.py:{preset} --workdir={workdir}"
 
@@ -78,10 +81,10 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
     # ------------------------------------------------------------------ exports first: fail fast
     resuming = bool(checkpoints.saved_steps(workdir))
     ref_hint = how_to_create(rl.reference, "sft", cfg.model_preset)
-    checkpoints.require_export(rl.reference, "reference (base model)", ref_hint)
+    inputs.require_params(rl.reference, "reference (base model)", ref_hint)
     if not resuming and cfg.init_from:
         stage1 = cfg.init_from != rl.reference
-        checkpoints.require_export(cfg.init_from, "stage-1 policy" if stage1 else "initial policy",
+        inputs.require_params(cfg.init_from, "stage-1 policy" if stage1 else "initial policy",
                                    how_to_create(cfg.init_from, "stage1" if stage1 else "sft", cfg.model_preset))
 
     # ------------------------------------------------------------------ input
@@ -104,7 +107,7 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
     tx = optim.make(cfg.optim, cfg.total_steps, model.param_axes(cfg.model))
     lr_at = optim.schedule(cfg.optim, cfg.total_steps)
     abstract = learner.abstract_params(cfg.model, mesh)
-    ref_params = checkpoints.load_params(rl.reference, abstract, ref_hint)
+    ref_params = inputs.params(rl.reference, cfg.model, mesh, ref_hint)
     manager = checkpoints.Manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                   cfg.checkpoint.async_save)
     setup = _Setup(cfg=cfg, workdir=workdir, mesh=mesh, tx=tx, lr_at=lr_at, abstract=abstract, ref_params=ref_params,
@@ -159,7 +162,7 @@ def _train(setup: _Setup, manager: checkpoints.Manager) -> dict:
         if not cfg.init_from or cfg.init_from == rl.reference:
             params = _copy(ref_params)  # the policy's own buffers: the train step donates them
         else:
-            params = checkpoints.load_params(cfg.init_from, abstract)
+            params = inputs.params(cfg.init_from, cfg.model, mesh)
         state = learner.init_state(cfg.model, tx, mesh, jax.random.key(cfg.seed), params)
 
     # ------------------------------------------------------------------ sampler and update steps

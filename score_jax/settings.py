@@ -12,6 +12,7 @@ from score_jax import loop, model, optim, sharding
 class DataConfig:
     name: str
     data_dir: str
+    manual_dir: str
     builder_seed: int
     num_train: int
     num_test: int

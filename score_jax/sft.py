@@ -59,7 +59,7 @@ def run(cfg: settings.TrainConfig, workdir: str, source=None, learn: str = "all"
         init_key = jax.random.fold_in(jax.random.key(cfg.seed), 0)  # purpose 0: init
         params = None
         if cfg.init_from:
-            params = checkpoints.load_params(cfg.init_from, learner.abstract_params(cfg.model, mesh))
+            params = inputs.params(cfg.init_from, cfg.model, mesh)
         state = learner.init_state(cfg.model, tx, mesh, init_key, params)
 
     # ------------------------------------------------------------------ update step

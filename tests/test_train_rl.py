@@ -117,14 +117,14 @@ def test_missing_stage1_export_fails_at_once_naming_path_and_command(tmp_path, d
     t0 = time.time()
     p = _rl("stage2", wd, data_dir, f"--config.rl.reference={base}", f"--config.init_from={missing}", check=False)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert f"No stage-1 policy export found at {missing}" in p.stderr
+    assert "No stage-1 policy export" in p.stderr and f"found at {missing}" in p.stderr
     assert "python -m score_jax.main --config=configs/stage1.py:tiny" in p.stderr
     assert "Traceback" not in p.stderr and time.time() - t0 < 60
 
 
 def test_missing_reference_fails_at_once(tmp_path, data_dir):
     p = _rl("stage1", tmp_path / "s1", data_dir, f"--config.rl.reference={tmp_path / 'nope'}", check=False)
-    assert p.returncode == 2 and "No reference (base model) export found" in p.stderr
+    assert p.returncode == 2 and "No reference (base model) export" in p.stderr
     assert "configs/sft.py:tiny" in p.stderr
 
 
