@@ -6,8 +6,8 @@ Each problem gets ``samples_per_problem`` episodes of ``num_attempts`` attempts 
 temperature 0), each attempt after the same correction instruction, from one sampler call per
 batch of problems. Writes ``<workdir>/eval.json`` (``evaluate.self_correction`` metrics with
 95% intervals, edit-distance ratio, mean lengths, the accuracy after each attempt, and the
-inference-scaling study when ``scaling_samples`` > 0) and ``<workdir>/episodes.jsonl``, and
-prints the table.
+inference-scaling study when ``scaling_samples`` > 0, also drawn as
+``<workdir>/inference_scaling.png``) and ``<workdir>/episodes.jsonl``, and prints the table.
 """
 
 from __future__ import annotations
@@ -173,6 +173,9 @@ def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
     if ev.scaling_samples > 0:
         result["inference_scaling"] = scaling_study(cfg.model, params, mesh, ps, tok, template, task, ev,
                                                     reward_fn, cfg.seed)
+        if jax.process_index() == 0:
+            from score_jax import plots  # matplotlib only when a plot is drawn
+            plots.inference_scaling(os.path.join(workdir, "inference_scaling.png"), result["inference_scaling"])
     result["seconds"] = time.perf_counter() - t0
     metrics.write_json(os.path.join(workdir, "eval.json"), result)
     write_episodes(os.path.join(workdir, "episodes.jsonl"), gen, correct, ps)

@@ -24,7 +24,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 # The built-in default: the CPU demo job.
-DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "sft.py")
+DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
                                           "Job config file, e.g. configs/sft.py:toy.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, exports "

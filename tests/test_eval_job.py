@@ -1,0 +1,58 @@
+"""The eval job end to end on a tiny export: N attempts, samples, the scaling study, artefacts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import test_train_sft as sft_e2e
+
+ROOT = sft_e2e.ROOT
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    wd = tmp_path_factory.mktemp("base")
+    sft_e2e._run(wd, data_dir, "--config.total_steps=5", "--config.checkpoint.every_steps=0")
+    return data_dir, wd / "export"
+
+
+def _eval(workdir, data_dir, params, *overrides, check=True):
+    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/eval.py:tiny", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", "--config.data.num_train=2000", "--config.data.num_test=200",
+           f"--config.eval.params={params}", "--config.eval.max_new_tokens=10", *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+def test_eval_writes_metrics_episodes_and_the_scaling_study(tmp_path, setup):
+    data_dir, params = setup
+    wd = tmp_path / "eval"
+    p = _eval(wd, data_dir, params, "--config.eval.num_problems=10", "--config.eval.batch_size=4",
+              "--config.eval.num_attempts=3", "--config.eval.temperature=1.0", "--config.eval.samples_per_problem=2",
+              "--config.eval.scaling_samples=4")
+    ev = json.loads((wd / "eval.json").read_text())
+    assert (ev["num_problems"], ev["samples_per_problem"], ev["num_attempts"]) == (10, 2, 3)
+    assert len(ev["acc_by_attempt"]) == 3 and len(ev["mean_length"]) == 3
+    for key in ("acc_t1", "acc_t2", "delta", "delta_i_to_c", "delta_c_to_i"):
+        assert set(ev[key]) == {"mean", "ci_low", "ci_high", "se"}
+    assert 0.0 <= ev["edit_ratio"] <= 1.0
+    sc = ev["inference_scaling"]
+    assert sc["budgets"] == [2, 4] and sc["samples_used"] == {"parallel": [2, 4], "sequential": [2, 4]}
+    assert (wd / "inference_scaling.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [json.loads(ln) for ln in (wd / "episodes.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(len(x["attempts"]) == 3 for x in lines)
+    # The last batch wraps around to fill 4 rows; the extra rows are not counted.
+    assert [x["problem"] for x in lines[::2]] == [x["problem"] for x in lines[1::2]]
+    assert "Acc@t1" in p.stdout
+
+
+def test_eval_without_params_fails_at_once(tmp_path, setup):
+    data_dir, _ = setup
+    p = _eval(tmp_path / "e", data_dir, tmp_path / "nope", check=False)
+    assert p.returncode == 2 and "No params export" in p.stderr and "Traceback" not in p.stderr
