@@ -56,10 +56,9 @@ def get_config(arg: str = ""):
     c.stage1 = _unlocked(stage1_config.get_config(preset))
     c.stage2 = _unlocked(stage2_config.get_config(preset))
     c.eval = _unlocked(eval_config.get_config(preset))
-    # The toy's mistakes are sampled slips (greedy decoding never makes them), so it is
-    # evaluated as it is trained: at temperature 1, several samples per problem.
-    c.eval.eval.temperature = 1.0
-    c.eval.eval.samples_per_problem = 4
+    # Two evaluations of every row: greedy (the paper's protocol; the main table) and sampled
+    # as in training (temperature 1, demo.sampled_samples episodes per problem), where the toy
+    # base model's slips show.
     c.eval.eval.num_problems = 500
     c.eval.eval.batch_size = 125
 
@@ -73,6 +72,8 @@ def get_config(arg: str = ""):
         star_samples=4,
         baseline_sft_steps=100,  # fine-tuning steps per STaR round and for Pair-SFT
         results_md="",
+        sampled_temperature=1.0,
+        sampled_samples=4,  # 0 = greedy evaluation only
     ))
     if arg == "table":
         c.demo.rows = ALL_ROWS
@@ -87,7 +88,7 @@ def get_config(arg: str = ""):
         for job in (c.stage1, c.stage2):
             job.total_steps, job.log_every, job.batch_size = 3, 1, 4
             job.checkpoint.every_steps = 2
-        c.eval.eval.num_problems, c.eval.eval.batch_size, c.eval.eval.samples_per_problem = 16, 8, 2
+        c.eval.eval.num_problems, c.eval.eval.batch_size, c.demo.sampled_samples = 16, 8, 2
         c.demo.rows = ALL_ROWS
         c.demo.star_rounds, c.demo.star_prompts, c.demo.star_samples, c.demo.baseline_sft_steps = 1, 16, 2, 2
     elif arg:

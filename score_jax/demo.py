@@ -154,16 +154,20 @@ class _Seed:
             "score": lambda: self.stage2("score", self.stage1()),
         }[method]()
 
-    def evaluate(self, method: str) -> dict:
+    def evaluate(self, method: str, sampled: bool = False) -> dict:
+        """eval.json of ``method``: greedy (``cfg.eval``), or sampled (demo.sampled_*)."""
         params = self.params_of(method)
-        wd = self.path(f"eval_{method}")
+        wd = self.path(f"eval_{method}" + ("_sampled" if sampled else ""))
         if not _done(wd, "eval.json"):
             os.makedirs(wd, exist_ok=True)
-            ev = self.cfg.eval
+            ev, d = self.cfg.eval, self.cfg.demo
             task = ev.task
             if method == "self_refine":
-                task = dataclasses.replace(task, correction=self.cfg.demo.self_refine_correction)
-            cfg = dataclasses.replace(ev, seed=self.seed, task=task, eval=dataclasses.replace(ev.eval, params=params))
+                task = dataclasses.replace(task, correction=d.self_refine_correction)
+            how = dict(params=params)
+            if sampled:
+                how.update(temperature=d.sampled_temperature, samples_per_problem=d.sampled_samples)
+            cfg = dataclasses.replace(ev, seed=self.seed, task=task, eval=dataclasses.replace(ev.eval, **how))
             metrics.write_json(os.path.join(wd, "config.json"), dataclasses.asdict(cfg))
             eval_job.run(cfg, wd)
         return metrics.read_json(os.path.join(wd, "eval.json"))
@@ -195,22 +199,33 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     if unknown:
         raise ValueError(f"demo.rows has unknown methods {unknown}; choose from {', '.join(METHODS)}.")
     per_seed: dict[str, list[dict]] = {m: [] for m in methods}
+    sampled: dict[str, list[dict]] = {m: [] for m in methods}
     try:
         for s in range(cfg.demo.seeds):
             runs = _Seed(cfg, os.path.join(workdir, f"seed{s}"), cfg.seed + s)
             for m in methods:
                 per_seed[m].append(runs.evaluate(m))
+                if cfg.demo.sampled_samples:
+                    sampled[m].append(runs.evaluate(m, sampled=True))
                 log.info("demo seed %d: %s done (%.0f s so far)", s, m, time.perf_counter() - t0)
     except Stopped as e:
         log.warning("Stopped during %s; run the same command again to resume.", e)
         return {"stopped_early": True}
     rows = {m: aggregate(per_seed[m]) for m in methods}
+    for m in methods:
+        if sampled[m]:
+            rows[m]["sampled"] = aggregate(sampled[m])
     result = {"rows": rows, "seeds": cfg.demo.seeds, "seconds": time.perf_counter() - t0,
-              "eval": dataclasses.asdict(cfg.eval.eval), "command": " ".join(sys.argv)}
+              "eval": dataclasses.asdict(cfg.eval.eval), "command": " ".join(sys.argv),
+              "sampled_eval": {"temperature": cfg.demo.sampled_temperature, "samples_per_problem": cfg.demo.sampled_samples}}
     metrics.write_json(os.path.join(workdir, "results.json"), result)
     _plots(workdir, rows, methods)
-    table = evaluate.table({LABELS[m]: {k: _as_ci(r, k) for k in KEYS if k in r} for m, r in rows.items()})
-    print(table, flush=True)
+    print("Greedy (the paper's protocol):", flush=True)
+    print(evaluate.table({LABELS[m]: {k: _as_ci(r, k) for k in KEYS if k in r} for m, r in rows.items()}), flush=True)
+    if cfg.demo.sampled_samples:
+        print(f"Sampled (temperature {cfg.demo.sampled_temperature}, {cfg.demo.sampled_samples} per problem):")
+        print(evaluate.table({LABELS[m]: {k: _as_ci(r["sampled"], k) for k in KEYS if k in r["sampled"]}
+                              for m, r in rows.items()}), flush=True)
     if cfg.demo.results_md:
         with open(cfg.demo.results_md, "w") as f:
             f.write(markdown(result, methods, per_seed))
@@ -232,39 +247,54 @@ def _plots(workdir: str, rows: dict, methods) -> None:
                            for m in methods if "delta" in rows[m]})
 
 
-def markdown(result: dict, methods, per_seed: dict) -> str:
-    """The results as a Markdown report (tables, checks, command, time)."""
-    rows = result["rows"]
+def _md_table(rows: dict, methods) -> list[str]:
     pct = lambda r, k: f"{100 * r[k]:.1f} [{100 * r['ci'][k][0]:.1f}, {100 * r['ci'][k][1]:.1f}]"  # noqa: E731
     lines = ["| method | Acc@t1 | Acc@t2 | Delta(t1,t2) | Delta i->c | Delta c->i | edit ratio |",
              "|---|---|---|---|---|---|---|"]
     for m in methods:
         r = rows[m]
         lines.append(f"| {LABELS[m]} | " + " | ".join(pct(r, k) for k in KEYS) + f" | {r['edit_ratio']:.2f} |")
-    seeds = ["", "Delta per seed (percent):", "", "| method | " + " | ".join(f"seed {i}" for i in range(result["seeds"])) + " |",
-             "|---|" + "---|" * result["seeds"]]
+    return lines
+
+
+def _md_checks(rows: dict, methods) -> list[str]:
+    """The three outcomes the toy table must show, computed from the numbers."""
+    if "score" not in rows:
+        return []
+    s, out = rows["score"], []
+    out.append(f"- SCoRe's Delta above 0 with its interval above 0: **{s['ci']['delta'][0] > 0}** "
+               f"(Delta {100 * s['delta']:.1f}, interval {100 * s['ci']['delta'][0]:.1f} to "
+               f"{100 * s['ci']['delta'][1]:.1f})")
+    others = [m for m in methods if m != "score"]
+    if others:
+        beaten = [m for m in others if s["delta"] > rows[m]["delta"]]
+        out.append(f"- SCoRe's Delta above every other row's: **{len(beaten) == len(others)}** "
+                   f"(above: {', '.join(LABELS[m] for m in beaten) or 'none'})")
+    if "base" in rows:
+        out.append(f"- SCoRe's Delta c->i below the base model's: **{s['delta_c_to_i'] < rows['base']['delta_c_to_i']}** "
+                   f"({100 * s['delta_c_to_i']:.1f} vs {100 * rows['base']['delta_c_to_i']:.1f})")
+    return out
+
+
+def markdown(result: dict, methods, per_seed: dict) -> str:
+    """The results as a Markdown report: both tables, Delta per seed, the checks, command, time."""
+    rows, ev, se = result["rows"], result["eval"], result["sampled_eval"]
+    interval = "t interval over seeds" if result["seeds"] > 1 else "over problems"
+    out = ["# SCoRe at toy scale: the paper's table on CPU", "",
+           f"Made by `{result['command']}` in {result['seconds'] / 60:.0f} minutes on this repository's "
+           f"2-core CI machine ({result['seeds']} seed(s); `runs/.../results.json` holds every number).", "",
+           f"Evaluation: the first {ev['num_problems']} problems of the held-out toy test split, two attempts. "
+           f"Percent of all problem samples; brackets: 95% intervals ({interval}).", "",
+           "## Greedy decoding (the paper's protocol)", "", *_md_table(rows, methods), "",
+           "Checks (computed from the numbers above, not tuned):", "", *_md_checks(rows, methods), ""]
+    if all("sampled" in rows[m] for m in methods) and se["samples_per_problem"]:
+        sampled = {m: rows[m]["sampled"] for m in methods}
+        out += [f"## Sampled as in training (temperature {se['temperature']}, {se['samples_per_problem']} "
+                "episodes per problem)", "", *_md_table(sampled, methods), "",
+                "Checks:", "", *_md_checks(sampled, methods), ""]
+    out += ["## Delta per seed (greedy, percent)", "",
+            "| method | " + " | ".join(f"seed {i}" for i in range(result["seeds"])) + " |",
+            "|---|" + "---|" * result["seeds"]]
     for m in methods:
-        seeds.append(f"| {LABELS[m]} | " + " | ".join(f"{100 * v:.1f}" for v in rows[m]["per_seed"]["delta"]) + " |")
-    checks = []
-    if "score" in rows:
-        s = rows["score"]
-        checks.append(f"- SCoRe's Delta above 0 with its interval above 0: {s['ci']['delta'][0] > 0} "
-                      f"(interval {100 * s['ci']['delta'][0]:.1f} to {100 * s['ci']['delta'][1]:.1f})")
-        others = [m for m in methods if m != "score"]
-        if others:
-            beaten = [m for m in others if s["delta"] > rows[m]["delta"]]
-            checks.append(f"- SCoRe's Delta above every other row's: {len(beaten) == len(others)} "
-                          f"(above {', '.join(LABELS[m] for m in beaten) or 'none'})")
-        if "base" in rows:
-            checks.append(f"- SCoRe's Delta c->i below the base model's: "
-                          f"{s['delta_c_to_i'] < rows['base']['delta_c_to_i']}")
-    ev = result["eval"]
-    head = [
-        "# SCoRe at toy scale: the paper's table on CPU", "",
-        f"Made by `{result['command']}` in {result['seconds'] / 60:.0f} minutes "
-        f"({result['seeds']} seed(s)).", "",
-        f"Evaluation: the first {ev['num_problems']} problems of the held-out toy test split, "
-        f"{ev['samples_per_problem']} episodes per problem at temperature {ev['temperature']}, two attempts. "
-        "Values in percent of all problem samples; brackets: 95% intervals "
-        + ("(t over seeds)." if result["seeds"] > 1 else "(over problems)."), ""]
-    return "\n".join(head + lines + seeds + ["", "Checks (computed, not tuned):", ""] + checks) + "\n"
+        out.append(f"| {LABELS[m]} | " + " | ".join(f"{100 * v:.1f}" for v in rows[m]["per_seed"]["delta"]) + " |")
+    return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 log = logging.getLogger(__name__)
 import time
@@ -78,3 +79,22 @@ def run(*, state, start_step: int, total_steps: int, step_fn: Callable, extra_fn
     manager.save(step, state, extra_fn, force=True)
     manager.wait()
     return Outcome(state, step, last, stopped_early=False)
+
+
+def check_same_run(extra: dict, seed: int, data_name: str) -> None:
+    """Raises if the workdir's checkpoint (its ``extra``) belongs to a run with another seed or dataset."""
+    if extra.get("seed") != seed or extra.get("data_name") != data_name:
+        raise ValueError(
+            f"The checkpoint in this workdir was written with seed={extra.get('seed')} and data "
+            f"{extra.get('data_name')!r}, but the config asks for seed={seed} and "
+            f"{data_name!r}; use a new --workdir or the original settings.")
+
+
+def finish(workdir: str, out: Outcome, num_params: int, **more) -> dict:
+    """Exports the final params to ``<workdir>/export`` and writes ``summary.json`` (final step,
+    metrics, params digest, ``more``); returns the summary."""
+    checkpoints.export_params(os.path.join(workdir, checkpoints.EXPORT_DIR), out.state["params"])
+    summary = {"step": out.step, "final_metrics": out.metrics, "stopped_early": False,
+               "params_sha256": checkpoints.params_digest(out.state["params"]), "num_params": num_params, **more}
+    metrics.write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary

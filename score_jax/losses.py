@@ -30,16 +30,12 @@ def masked_mean_nll(logp: jax.Array, mask: jax.Array):
     return -jnp.sum(logp * w) / jnp.maximum(n, 1.0), n
 
 
-def chunked_token_logprobs(unembed, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
-    """``token_logprobs(unembed(hidden), targets)`` computed ``chunk`` positions at a time.
-
-    hidden [B,T,D], targets [B,T] -> [B,T]. Only one chunk's [B,chunk,V] logits exist at a time,
-    in the forward and (through rematerialisation) in the backward pass: with vocabularies of
-    128k-256k entries the full [B,T,V] tensor would dominate memory. chunk <= 0 or >= T: one go.
-    """
+def _chunked(per_chunk, unembed, hidden: jax.Array, targets: jax.Array, chunk: int):
+    """``per_chunk(unembed(h), t)`` (a pytree of [B,c] arrays) over ``chunk`` positions at a time,
+    reassembled to [B,T]; each chunk rematerialised in the backward pass."""
     B, T, D = hidden.shape
     if chunk <= 0 or chunk >= T:
-        return token_logprobs(unembed(hidden), targets)
+        return per_chunk(unembed(hidden), targets)
     n = -(-T // chunk)
     pad = n * chunk - T
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
@@ -48,10 +44,20 @@ def chunked_token_logprobs(unembed, hidden: jax.Array, targets: jax.Array, chunk
     @jax.checkpoint
     def one(args):
         hc, tc = args  # [B,chunk,D], [B,chunk]
-        return token_logprobs(unembed(hc), tc)
+        return per_chunk(unembed(hc), tc)
 
-    out = jax.lax.map(one, (h, t))  # [n,B,chunk]
-    return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    out = jax.lax.map(one, (h, t))  # leaves [n,B,chunk]
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T], out)
+
+
+def chunked_token_logprobs(unembed, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """``token_logprobs(unembed(hidden), targets)`` computed ``chunk`` positions at a time.
+
+    hidden [B,T,D], targets [B,T] -> [B,T]. Only one chunk's [B,chunk,V] logits exist at a time,
+    in the forward and (through rematerialisation) in the backward pass: with vocabularies of
+    128k-256k entries the full [B,T,V] tensor would dominate memory. chunk <= 0 or >= T: one go.
+    """
+    return _chunked(token_logprobs, unembed, hidden, targets, chunk)
 
 
 def _logprobs_entropy(logits: jax.Array, targets: jax.Array):
@@ -67,22 +73,7 @@ def chunked_logprobs_and_entropy(unembed, hidden: jax.Array, targets: jax.Array,
 
     Like ``chunked_token_logprobs``; the entropy carries no gradient (a metric). hidden [B,T,D].
     """
-    B, T, D = hidden.shape
-    if chunk <= 0 or chunk >= T:
-        return _logprobs_entropy(unembed(hidden), targets)
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(args):
-        hc, tc = args  # [B,chunk,D], [B,chunk]
-        return _logprobs_entropy(unembed(hc), tc)
-
-    logp, ent = jax.lax.map(one, (h, t))  # [n,B,chunk] each
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]  # noqa: E731
-    return unchunk(logp), unchunk(ent)
+    return _chunked(_logprobs_entropy, unembed, hidden, targets, chunk)
 
 
 # ---------------------------------------------------------------------------------------------

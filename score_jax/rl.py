@@ -106,11 +106,10 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
     # ------------------------------------------------------------------ model: reference and policy
     tx = optim.make(cfg.optim, cfg.total_steps, model.param_axes(cfg.model))
     lr_at = optim.schedule(cfg.optim, cfg.total_steps)
-    abstract = learner.abstract_params(cfg.model, mesh)
     ref_params = inputs.params(rl.reference, cfg.model, mesh, ref_hint)
     manager = checkpoints.Manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                   cfg.checkpoint.async_save)
-    setup = _Setup(cfg=cfg, workdir=workdir, mesh=mesh, tx=tx, lr_at=lr_at, abstract=abstract, ref_params=ref_params,
+    setup = _Setup(cfg=cfg, workdir=workdir, mesh=mesh, tx=tx, lr_at=lr_at, ref_params=ref_params,
                    tok=tok, ps=ps, it=it, instruction=instruction, stop_ids=stop_ids, scfg=scfg,
                    batch_shapes=batch_shapes, b_shard=b_shard, p_shard=p_shard, reward_fn=reward_fn)
     try:
@@ -128,7 +127,6 @@ class _Setup:
     mesh: Any
     tx: Any
     lr_at: Any
-    abstract: dict
     ref_params: dict
     tok: Any
     ps: prompt_set.PromptSet
@@ -143,8 +141,8 @@ class _Setup:
 
 
 def _train(setup: _Setup, manager: checkpoints.Manager) -> dict:
-    cfg, workdir, mesh, tx, lr_at, abstract, ref_params = (setup.cfg, setup.workdir, setup.mesh, setup.tx,
-                                                           setup.lr_at, setup.abstract, setup.ref_params)
+    cfg, workdir, mesh, tx, lr_at, ref_params = (setup.cfg, setup.workdir, setup.mesh, setup.tx, setup.lr_at,
+                                                 setup.ref_params)
     tok, ps, it, instruction, stop_ids, scfg = setup.tok, setup.ps, setup.it, setup.instruction, setup.stop_ids, setup.scfg
     batch_shapes, b_shard, p_shard, reward_fn = setup.batch_shapes, setup.b_shard, setup.p_shard, setup.reward_fn
     rl, k = cfg.rl, cfg.rl.samples_per_prompt
@@ -152,7 +150,7 @@ def _train(setup: _Setup, manager: checkpoints.Manager) -> dict:
     best = {"reward": -float("inf"), "step": 0}
     if restored is not None:
         start, state, extra = restored
-        check_same_run(extra, cfg)
+        loop.check_same_run(extra, cfg.seed, cfg.data.name)
         it.set_state(extra["data"])
         best = extra.get("best", best)
         _trim_samples(workdir, start)
@@ -225,21 +223,8 @@ def _train(setup: _Setup, manager: checkpoints.Manager) -> dict:
         return {"step": out.step, "stopped_early": True}
 
     # ------------------------------------------------------------------ export and summary
-    checkpoints.export_params(os.path.join(workdir, checkpoints.EXPORT_DIR), out.state["params"])
-    summary = {"step": out.step, "final_metrics": out.metrics, "stopped_early": False,
-               "params_sha256": checkpoints.params_digest(out.state["params"]),
-               "num_params": model.num_params(cfg.model), "best": best,
-               "prompts": {"used": len(ps), "too_long": ps.too_long, "records": ps.num_records}}
-    metrics.write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
-
-
-def check_same_run(extra: dict, cfg: settings.TrainConfig) -> None:
-    if extra.get("seed") != cfg.seed or extra.get("data_name") != cfg.data.name:
-        raise ValueError(
-            f"The checkpoint in this workdir was written with seed={extra.get('seed')} and data "
-            f"{extra.get('data_name')!r}, but the config asks for seed={cfg.seed} and "
-            f"{cfg.data.name!r}; use a new --workdir or the original settings.")
+    return loop.finish(workdir, out, model.num_params(cfg.model), best=best,
+                       prompts={"used": len(ps), "too_long": ps.too_long, "records": ps.num_records})
 
 
 @jax.jit

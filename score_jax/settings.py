@@ -8,6 +8,10 @@ import dataclasses
 from score_jax import loop, model, optim, sharding
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     name: str
@@ -29,7 +33,7 @@ class DataConfig:
             raise ValueError(f"data.too_long={self.too_long!r}; choose error, skip or truncate.")
 
     def attempt_fields(self) -> tuple[str, ...]:
-        return tuple(f.strip() for f in self.sft_fields.split(",") if f.strip())
+        return _csv(self.sft_fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +185,11 @@ class DemoSettings:
     star_samples: int
     baseline_sft_steps: int
     results_md: str  # "" or a path: also write the table as Markdown there
+    sampled_temperature: float
+    sampled_samples: int  # a second, sampled evaluation of every row (0 = none)
 
     def methods(self) -> tuple[str, ...]:
-        return tuple(m.strip() for m in self.rows.split(",") if m.strip())
+        return _csv(self.rows)
 
 
 @dataclasses.dataclass(frozen=True)

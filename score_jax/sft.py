@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
-import os
 
 import jax
 import numpy as np
@@ -51,7 +50,7 @@ def run(cfg: settings.TrainConfig, workdir: str, source=None, learn: str = "all"
     restored = manager.restore_latest(learner.abstract_state(cfg.model, tx, mesh))
     if restored is not None:
         start, state, extra = restored
-        check_same_run(extra, cfg)
+        loop.check_same_run(extra, cfg.seed, cfg.data.name)
         it.set_state(extra["data"].encode() if isinstance(extra["data"], str) else extra["data"])
         log.info("Resumed from %s at step %d.", manager.directory, start)
     else:
@@ -90,18 +89,6 @@ def run(cfg: settings.TrainConfig, workdir: str, source=None, learn: str = "all"
         return {"step": out.step, "stopped_early": True}
 
     # ------------------------------------------------------------------ export and summary
-    checkpoints.export_params(os.path.join(workdir, checkpoints.EXPORT_DIR), out.state["params"])
-    summary = {"step": out.step, "final_metrics": out.metrics, "stopped_early": False,
-               "params_sha256": checkpoints.params_digest(out.state["params"]),
-               "num_params": model.num_params(cfg.model)}
-    metrics.write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    return loop.finish(workdir, out, model.num_params(cfg.model))
 
 
-def check_same_run(extra: dict, cfg: settings.TrainConfig) -> None:
-    """Raises if the workdir's checkpoint belongs to a run with another seed or dataset."""
-    if extra.get("seed") != cfg.seed or extra.get("data_name") != cfg.data.name:
-        raise ValueError(
-            f"The checkpoint in this workdir was written with seed={extra.get('seed')} and data "
-            f"{extra.get('data_name')!r}, but the config asks for seed={cfg.seed} and "
-            f"{cfg.data.name!r}; use a new --workdir or the original settings.")

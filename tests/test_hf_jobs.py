@@ -13,7 +13,7 @@ import transformers
 
 import test_train_sft as sft_e2e
 from configs import models
-from score_jax import checkpoints, hf, hf_export, inputs, model, sharding
+from score_jax import checkpoints, hf, inputs, model, sharding
 
 ROOT = sft_e2e.ROOT
 TINY = model.ModelConfig(**models.get("tiny").to_dict())

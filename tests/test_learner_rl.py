@@ -5,13 +5,11 @@ scores exactly the sampled tokens, per-turn credit reaches the right tokens, KL 
 identical reference is 0, the sharded step equals the single-device step, and Stage I learns.
 """
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from score_jax import learner, model, optim, sampler, settings, sharding

@@ -1,7 +1,6 @@
 """End-to-end runs of the stage1 / stage2 jobs through `python -m score_jax.main`, as a user runs them."""
 
 import json
-import pathlib
 import signal
 import subprocess
 import sys
