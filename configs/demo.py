@@ -41,7 +41,7 @@ def get_config(arg: str = ""):
     c.pretrain = _unlocked(sft_config.get_config(preset))
     c.pretrain.data.sft_fields = "response"
     c.pretrain.data.seq_len = 96
-    c.pretrain.total_steps = 600
+    c.pretrain.total_steps = 500
     c.pretrain.optim.learning_rate = 3e-3
     c.pretrain.log_every = 50
     # The base model: two-turn SFT on the base's attempts (attempt 2 copies or re-solves,
@@ -49,12 +49,15 @@ def get_config(arg: str = ""):
     c.sft = _unlocked(sft_config.get_config(preset))
     c.sft.data.sft_fields = "attempt1,attempt2"
     c.sft.data.seq_len = 192
-    c.sft.total_steps = 200
+    c.sft.total_steps = 150
     c.sft.optim.learning_rate = 1e-3
     c.sft.optim.warmup_steps = 10
     c.sft.log_every = 25
     c.stage1 = _unlocked(stage1_config.get_config(preset))
     c.stage2 = _unlocked(stage2_config.get_config(preset))
+    for job in (c.stage1, c.stage2):
+        job.total_steps = 40
+        job.log_every = 10
     c.eval = _unlocked(eval_config.get_config(preset))
     # Two evaluations of every row: greedy (the paper's protocol; the main table) and sampled
     # as in training (temperature 1, demo.sampled_samples episodes per problem), where the toy
@@ -73,13 +76,17 @@ def get_config(arg: str = ""):
         baseline_sft_steps=100,  # fine-tuning steps per STaR round and for Pair-SFT
         results_md="",
         sampled_temperature=1.0,
-        sampled_samples=4,  # 0 = greedy evaluation only
+        sampled_samples=2,  # 0 = greedy evaluation only
     ))
     if arg == "table":
         c.demo.rows = ALL_ROWS
         c.demo.seeds = 3
         c.demo.results_md = "RESULTS.md"
         c.eval.eval.num_problems = 1000
+        c.pretrain.total_steps = 600
+        c.sft.total_steps = 200
+        for job in (c.stage1, c.stage2):
+            job.total_steps = 60
     elif arg == "tiny":
         c.data.num_train, c.data.num_test = 2000, 200
         for job in (c.pretrain, c.sft):

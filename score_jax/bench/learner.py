@@ -18,6 +18,7 @@ reference's forward a third of that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -132,7 +133,8 @@ def main(argv=None):
            "mfu": upd["tokens_per_s"] * upd["model_flops_per_token"] / peak}
     if args.toy_steps > 1:
         common.progress(f"timing {args.toy_steps} toy RL steps (sampling / rewards / learning)")
-        out["toy_step"] = toy_step_split(args.toy_steps)
+        with contextlib.redirect_stdout(sys.stderr):  # the job's progress lines; stdout is the JSON
+            out["toy_step"] = toy_step_split(args.toy_steps)
     common.print_json(out)
 
 
