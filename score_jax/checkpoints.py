@@ -10,6 +10,7 @@ Layout under a run directory:
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,17 @@ EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _path(path) -> epath.Path:
+    """Orbax wants absolute paths: local ones are made absolute, gs:// ones kept."""
+    path = str(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 class Manager:
     """Saves and restores ``(train state, extra JSON)`` pairs under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.directory = _path(workdir) / CHECKPOINT_DIR
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
@@ -112,7 +119,7 @@ class StopRequest:
 
 def export_params(path: str, params) -> None:
     """Writes params only (no optimiser state) to ``path``, replacing an older export."""
-    path = epath.Path(path)
+    path = _path(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=True)
 
@@ -145,7 +152,7 @@ def load_params(path: str, abstract_params, how_to_create: str = "") -> dict:
     if not has_export(path):
         hint = f"; create it with: {how_to_create}" if how_to_create else ""
         raise MissingExportError(f"No params export found at {path}{hint}")
-    path = epath.Path(path)
+    path = _path(path)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             return ckptr.restore(path, abstract_params)

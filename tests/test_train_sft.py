@@ -167,3 +167,14 @@ def test_nonfinite_steps_stop_with_a_clear_error(tmp_path, data_dir):
     assert p.returncode != 0
     assert "consecutive steps had non-finite gradients" in p.stderr
     assert len(_complete_steps(wd)) == 1
+
+
+@pytest.mark.slow
+def test_relative_workdir(tmp_path, data_dir):
+    """The README's command relies on the default, relative workdir (runs/<job>_<preset>)."""
+    cmd = [sys.executable, "-m", "score_jax.main", f"--config={ROOT}/configs/sft.py:tiny", "--workdir=rel/run",
+           f"--config.data.data_dir={data_dir}", *COMMON, "--config.total_steps=4", "--config.checkpoint.every_steps=2"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _summary(tmp_path / "rel" / "run")["step"] == 4
+    assert _complete_steps(tmp_path / "rel" / "run") == [2, 4]
