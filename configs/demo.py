@@ -82,11 +82,7 @@ def get_config(arg: str = ""):
         c.demo.rows = ALL_ROWS
         c.demo.seeds = 3
         c.demo.results_md = "RESULTS.md"
-        c.eval.eval.num_problems = 1000
-        c.pretrain.total_steps = 600
-        c.sft.total_steps = 200
-        for job in (c.stage1, c.stage2):
-            job.total_steps = 60
+        c.eval.eval.num_problems = 1000  # the demo's runs, each with 3 seeds and a larger evaluation
     elif arg == "tiny":
         c.data.num_train, c.data.num_test = 2000, 200
         for job in (c.pretrain, c.sft):

@@ -57,7 +57,7 @@ def _record_files(builder):
 def test_builder_identity(builds):
     builder = builds[0]
     assert builder.name == "toy_arithmetic"
-    assert str(builder.version) == "1.1.0"
+    assert str(builder.version) == "1.2.0"
     assert set(builder.info.features) == {"prompt", "response", "answer", "attempt1", "attempt2"}
     assert builder.info.splits["train"].num_examples == TRAIN
     assert builder.info.splits["test"].num_examples == TEST
@@ -189,20 +189,22 @@ def test_slips_change_one_line_and_the_answer_consistently():
                 assert changed[-1] == len(clean) - 1  # the answer line
 
 
-def test_base_attempts_slip_and_copy_at_their_rates_and_do_not_correct():
+def test_base_attempts_revise_without_knowing_when():
     exs = toy.examples(seed=5, train_size=6000, test_size=10)["train"]
     right1 = np.array([toy.check_answer(e["attempt1"], e["answer"]) for e in exs])
     right2 = np.array([toy.check_answer(e["attempt2"], e["answer"]) for e in exs])
     copies = np.array([e["attempt1"] == e["attempt2"] for e in exs])
-    assert abs((1 - right1.mean()) - toy.DEFAULT_SLIP_RATE) < 0.03
-    # Attempt 2 copies at the copy rate; a fresh attempt also equals attempt 1 when neither
-    # slips (and, rarely, when both make the same slip).
     c, s = toy.DEFAULT_COPY_RATE, toy.DEFAULT_SLIP_RATE
-    same = c + (1 - c) * (1 - s) ** 2
-    assert same - 0.03 < copies.mean() < same + 0.04
+    assert abs((1 - right1.mean()) - s) < 0.03
+    assert abs(copies.mean() - c) < 0.03  # a revision always changes attempt 1
+    # A revision fixes every slipped first attempt and breaks every correct one: whether it
+    # revises does not depend on attempt 1 being right, so breaking outweighs fixing.
+    assert (right2[~right1 & ~copies]).all() and not right2[right1 & ~copies].any()
     fixed, broken = (~right1 & right2).mean(), (right1 & ~right2).mean()
-    assert fixed > 0.05 and broken > 0.05 and abs(fixed - broken) < 0.02  # Delta = 0: no correcting
-    # After a wrong attempt 1, attempt 2 is right only if it re-solved without a slip: whether
-    # it copies does not depend on attempt 1 being wrong.
-    assert abs(right2[~right1].mean() - (1 - c) * (1 - s)) < 0.04
-    assert abs(right2[right1].mean() - (c + (1 - c) * (1 - s))) < 0.03
+    assert abs(fixed - (1 - c) * s) < 0.02 and abs(broken - (1 - c) * (1 - s)) < 0.02
+    assert abs(copies[right1].mean() - copies[~right1].mean()) < 0.05
+    # A revision of a correct attempt differs from it in exactly one written line (and the answer).
+    for e, r1, same in zip(exs[:300], right1, copies):
+        if r1 and not same:
+            diff = [x != y for x, y in zip(e["attempt1"].splitlines(), e["attempt2"].splitlines())]
+            assert 1 <= sum(diff[:-1]) <= 2 and diff[-1]

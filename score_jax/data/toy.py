@@ -6,7 +6,7 @@ Each example is a dict of five texts:
     answer   "432"
     attempt1, attempt2   the toy base model's two attempts (its two-turn SFT targets): attempt 1
              slips once with probability 0.3 ("4+8+1=14, write 4 carry 1" ... "Answer: 442"),
-             attempt 2 copies it or re-solves independently (see `attempts`)
+             attempt 2 copies it or revises it, fixing a slip or slipping (see `attempts`)
 
 Problems are drawn in equal shares: addition and subtraction of two 2-3 digit numbers (results
 may be negative), and multiplication of a 2-3 digit number by a digit 2-9. (Train holds a few
@@ -183,20 +183,23 @@ def attempts(op: str, a: int, b: int, rng: np.random.Generator, slip_rate: float
     """Two attempts at `a op b` as the toy *base* model should make them (its SFT targets).
 
     Attempt 1 makes one slip with probability `slip_rate`. Attempt 2 copies attempt 1 with
-    probability `copy_rate`, else it is a fresh attempt that slips with the same probability,
-    independently of attempt 1. So the second attempt is right exactly as often as the first
-    (Delta = 0 in expectation) and the base model does not know how to correct: whether it
-    copies or re-solves does not depend on whether attempt 1 was right. That is the situation
-    SCoRe starts from (the paper's base models copy, or change right answers to wrong ones).
+    probability `copy_rate`; otherwise it revises it: a slipped attempt 1 is corrected (the
+    true solution), a correct one is changed by a new slip. So the base model knows how to
+    find and fix a slip, but revises without knowing whether it should: it breaks correct
+    first attempts more often than it fixes wrong ones (with the defaults, 35% of all
+    attempts broken against 15% fixed, Delta = -20 points). That is the situation SCoRe
+    starts from (the paper's base model fixes 4.6% and breaks 15.8% of MATH500); learning
+    when to revise is what RL must add.
     """
-    def one() -> str:
-        slip = None
-        if rng.random() < slip_rate:
-            slip = (int(rng.integers(columns(op, a, b))), int(rng.choice((-1, 1))))
+    def slipped() -> str:
+        slip = (int(rng.integers(columns(op, a, b))), int(rng.choice((-1, 1))))
         return solve(op, a, b, slip)[1]
 
-    first = one()
-    return first, first if rng.random() < copy_rate else one()
+    right = solve(op, a, b)[1]
+    first = slipped() if rng.random() < slip_rate else right
+    if rng.random() < copy_rate:
+        return first, first
+    return first, right if first != right else slipped()
 
 
 def _sample_problem(rng: np.random.Generator) -> tuple[str, int, int]:
@@ -324,10 +327,13 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
     # only for Python < 3.9; naming the file here skips that lookup.
     code_path = epath.Path(__file__)
     # The slip and copy rates are constants of a version: change them only with a new version.
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Addition, subtraction, 2-3 digit by 1 digit multiplication.",
                      "1.1.0": "attempt1 / attempt2: the toy base model's two attempts (slip rate "
-                              f"{DEFAULT_SLIP_RATE}, copy rate {DEFAULT_COPY_RATE})."}
+                              f"{DEFAULT_SLIP_RATE}, copy rate {DEFAULT_COPY_RATE}; attempt 2 copies "
+                              "or re-solves independently).",
+                     "1.2.0": "attempt 2 copies or revises: fixes a slipped attempt 1, slips in a "
+                              "correct one (see `attempts`)."}
     BUILDER_CONFIGS = [
         make_config(DEFAULT_SEED, DEFAULT_TRAIN_SIZE, DEFAULT_TEST_SIZE, DEFAULT_VOCAB_SIZE)
     ]
