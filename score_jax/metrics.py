@@ -31,9 +31,9 @@ class Writer:
     step, the values shown, steps/s, ETA. A resumed run (``first_step`` > 0) first drops the
     JSON lines of steps after ``first_step``, which it is about to run again."""
 
-    def __init__(self, workdir: str, total_steps: int, first_step: int = 0, stream=sys.stdout):
+    def __init__(self, workdir: str, total_steps: int, first_step: int = 0, stream=None):
         self.total_steps = total_steps
-        self.stream = stream
+        self.stream = stream  # None: sys.stdout at the time of each line (redirectable)
         self._t0, self._step0 = time.perf_counter(), first_step
         self._tb = None
         self._jsonl = epath.Path(workdir) / METRICS_FILE
@@ -71,7 +71,7 @@ class Writer:
         shown = " | ".join(f"{k} {float(np.asarray(v)):.4g}" for k, v in values.items())
         if jax.process_index() == 0:
             print(f"step {step}/{self.total_steps} | {shown} | {rate:.2f} steps/s | "
-                  f"ETA {_fmt_duration(eta)}", file=self.stream, flush=True)
+                  f"ETA {_fmt_duration(eta)}", file=self.stream or sys.stdout, flush=True)
 
     def close(self):
         if self._tb is not None:
