@@ -46,11 +46,12 @@ _PURPOSE_SAMPLING = 2  # root-key purposes: 0 init (sft), 2 sampling
 
 def how_to_create(path: str, job: str, preset: str) -> str:
     """The command that writes the export at ``path`` (for missing-export errors)."""
-    if os.path.basename(os.path.normpath(path)) not in (checkpoints.EXPORT_DIR, BEST_DIR):
-        return (f"copy a Hugging Face checkpoint of {preset} (config.json, *.safetensors, the tokenizer) "
-                f"into {path}, or point the config at a run's export/")
-    workdir = os.path.dirname(os.path.normpath(path))
-    return f"python -m score_jax.main --config=configs/{job}.py:{preset} --workdir={workdir}"
+    if os.path.basename(os.path.normpath(path)) in (checkpoints.EXPORT_DIR, BEST_DIR):
+        workdir = os.path.dirname(os.path.normpath(path))
+        return f"python -m score_jax.main --config=configs/{job}.py:{preset} --workdir={workdir}"
+    return (f"python -m score_jax.main --config=configs/{job}.py:{preset} --workdir=DIR and point the "
+            f"config at DIR/export, or copy a Hugging Face checkpoint of {preset} (config.json, *.safetensors, "
+            f"the tokenizer) into {path}")
 
 
 def sampler_config(rl: settings.RLConfig, instruction_len: int, stop_ids, pad_id: int) -> sampler_lib.SamplerConfig:

@@ -40,7 +40,10 @@ def test_tiny_demo_writes_every_artefact_and_resumes(tmp_path):
     seed = wd / "seed0"
     for method in demo.METHODS:
         ev = json.loads((seed / f"eval_{method}" / "eval.json").read_text())
-        assert ev["num_problems"] == 16 and ev["samples_per_problem"] == 2
+        assert ev["num_problems"] == 16 and ev["samples_per_problem"] == 1 and ev["decoding"]["temperature"] == 0
+        sampled = json.loads((seed / f"eval_{method}_sampled" / "eval.json").read_text())
+        assert sampled["samples_per_problem"] == 2 and sampled["decoding"]["temperature"] == 1.0
+        assert "sampled" in result["rows"][method]
     for run in ("pretrain", "base", "stage1", "score", "no_shaping", "no_stage1", "naive_rl"):
         assert (seed / run / "summary.json").exists(), run
     # Stage II runs start from the right place and keep the base model as the reference.
