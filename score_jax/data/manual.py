@@ -74,7 +74,7 @@ class TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield record["id"], record
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
-        with toy._sorted_feature_maps():  # Same bytes in every process (see there).
+        with toy.sorted_feature_maps():  # Same bytes in every process (see there).
             super()._download_and_prepare(dl_manager, download_config)
 
 

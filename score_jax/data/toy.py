@@ -275,7 +275,7 @@ def tokenizer_corpus(train_examples: list[dict[str, str]]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _sorted_feature_maps():
+def sorted_feature_maps():
     """While active, TFDS serialises tf.Example feature maps in sorted key order.
 
     TFDS calls plain `SerializeToString()`, and protobuf orders map entries by a per-process
@@ -391,7 +391,7 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
         yield from enumerate(exs)
 
     def _download_and_prepare(self, dl_manager, download_config) -> None:
-        with _sorted_feature_maps():
+        with sorted_feature_maps():
             super()._download_and_prepare(dl_manager, download_config)
         # self.data_dir is TFDS's temporary directory here, renamed into place only on success,
         # so a dataset directory never lacks its tokenizer.

@@ -7,7 +7,8 @@ learner should prefer (code runs its sandboxes in parallel, math its checks).
     math  reference = the answer (or a solution with \\boxed{answer}); see rewards/math.py
     toy   reference = the integer answer string, e.g. "-42"; see rewards/toy.py
     code  reference = test code (MBPP asserts, or HumanEval `check` + `check(entry_point)`);
-          the program is the completion's last ```python block; see rewards/code.py
+          the program is the completion's [BEGIN]...[DONE] text (MBPP prompts) or its last
+          ```python block; see rewards/code.py
 """
 from score_jax.rewards import code
 from score_jax.rewards import math
