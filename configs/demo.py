@@ -77,10 +77,18 @@ def get_config(arg: str = ""):
         results_md="",
         sampled_temperature=1.0,
         sampled_samples=2,  # 0 = greedy evaluation only
+        # Seeds 1.. start from seed 0's pretrain/ and base/ (one base model, as in the paper): a
+        # seed then varies each method's own training and its evaluation sampling, and the base
+        # and Self-Refine rows (nothing trained) are evaluated once, with intervals over problems.
+        shared_base=False,
+        # Run only this seed's runs and stop (no table): seeds in parallel processes or hosts,
+        # then the same command with only_seed=-1 finds them finished and writes the table.
+        only_seed=-1,
     ))
     if arg == "table":
         c.demo.rows = ALL_ROWS
         c.demo.seeds = 3
+        c.demo.shared_base = True
         c.demo.results_md = "RESULTS.md"
         c.eval.eval.num_problems = 1000  # the demo's runs, each with 3 seeds and a larger evaluation
     elif arg == "tiny":

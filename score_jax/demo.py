@@ -14,6 +14,12 @@ Per seed, under ``<workdir>/seed<i>/``, each step a normal run directory of its 
 Rows: base (the base model), self_refine (the base model with a Self-Refine-style instruction),
 star, pair_sft, naive_rl, no_stage1, no_shaping, stage1_only, score.
 
+With ``demo.shared_base`` (the table's default) seeds 1.. use seed 0's pretrain/ and base/ (one
+base model, as in the paper) and the untrained rows (base, self_refine) are evaluated once. With
+``demo.only_seed=i`` a process runs only seed i's runs and stops: seeds run side by side (on this
+CPU three processes finish about 1.8x sooner than one, sampling being overhead-bound), and the
+same command without it then writes the table from the finished runs.
+
 A finished step (its summary.json or eval.json exists) is not run again, so rerunning the same
 command resumes the demo, each unfinished run from its own last checkpoint. At the end:
 ``<workdir>/results.json`` (rows keyed by method with acc_t1, acc_t2, delta, delta_i_to_c,
@@ -41,6 +47,7 @@ METHODS = ("base", "self_refine", "star", "pair_sft", "naive_rl", "no_stage1", "
 LABELS = {"base": "Base model", "self_refine": "Self-Refine (prompting)", "star": "STaR", "pair_sft": "Pair-SFT",
           "naive_rl": "Naive multi-turn RL", "no_stage1": "SCoRe w/o Stage I", "no_shaping": "SCoRe w/o shaping",
           "stage1_only": "Stage I only", "score": "SCoRe"}
+UNTRAINED = ("base", "self_refine")  # rows that are the base model itself (shared with demo.shared_base)
 KEYS = ("acc_t1", "acc_t2", "delta", "delta_i_to_c", "delta_c_to_i")
 
 
@@ -59,8 +66,9 @@ def _done(workdir: str, name: str = "summary.json") -> bool:
 class _Seed:
     """The runs of one seed, each made on first use (and skipped when already finished)."""
 
-    def __init__(self, cfg: settings.DemoConfig, root: str, seed: int):
+    def __init__(self, cfg: settings.DemoConfig, root: str, seed: int, shared: "_Seed | None" = None):
         self.cfg, self.root, self.seed = cfg, root, seed
+        self.shared = shared  # demo.shared_base: the seed whose pretrain/ and base/ this one uses
         self._made: set[str] = set()
 
     def path(self, name: str) -> str:
@@ -82,11 +90,15 @@ class _Seed:
         return _export(wd)
 
     def pretrain(self) -> str:
+        if self.shared is not None:
+            return self.shared.pretrain()
         if self.cfg.pretrain.total_steps == 0:
             return ""
         return self._train("pretrain", sft.run, self.cfg.pretrain)
 
     def base(self) -> str:
+        if self.shared is not None:
+            return self.shared.base()
         return self._train("base", sft.run, dataclasses.replace(self.cfg.sft, init_from=self.pretrain()))
 
     def _rl(self, name: str, cfg: settings.RLTrainConfig, init: str, **rl_changes) -> str:
@@ -198,19 +210,30 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"demo.rows has unknown methods {unknown}; choose from {', '.join(METHODS)}.")
+    d = cfg.demo
+    if d.only_seed >= d.seeds:
+        raise ValueError(f"demo.only_seed={d.only_seed} but demo.seeds={d.seeds}: choose -1 or 0..{d.seeds - 1}.")
     per_seed: dict[str, list[dict]] = {m: [] for m in methods}
     sampled: dict[str, list[dict]] = {m: [] for m in methods}
+    first = _Seed(cfg, os.path.join(workdir, "seed0"), cfg.seed)
     try:
-        for s in range(cfg.demo.seeds):
-            runs = _Seed(cfg, os.path.join(workdir, f"seed{s}"), cfg.seed + s)
+        for s in ([d.only_seed] if d.only_seed >= 0 else range(d.seeds)):
+            shared = first if d.shared_base and s > 0 else None
+            runs = first if s == 0 else _Seed(cfg, os.path.join(workdir, f"seed{s}"), cfg.seed + s, shared)
             for m in methods:
+                if shared is not None and m in UNTRAINED:
+                    continue  # the same model as seed 0's row: evaluated once
                 per_seed[m].append(runs.evaluate(m))
-                if cfg.demo.sampled_samples:
+                if d.sampled_samples:
                     sampled[m].append(runs.evaluate(m, sampled=True))
                 log.info("demo seed %d: %s done (%.0f s so far)", s, m, time.perf_counter() - t0)
     except Stopped as e:
         log.warning("Stopped during %s; run the same command again to resume.", e)
         return {"stopped_early": True}
+    if d.only_seed >= 0:
+        log.info("demo seed %d finished in %.0f s; with every seed finished, run the same command with "
+                 "--config.demo.only_seed=-1 for the table.", d.only_seed, time.perf_counter() - t0)
+        return {"seed": d.only_seed, "seconds": time.perf_counter() - t0}
     rows = {m: aggregate(per_seed[m]) for m in methods}
     for m in methods:
         if sampled[m]:
@@ -280,6 +303,9 @@ def markdown(result: dict, methods, per_seed: dict) -> str:
     """The results as a Markdown report: both tables, Delta per seed, the checks, command, time."""
     rows, ev, se = result["rows"], result["eval"], result["sampled_eval"]
     interval = "t interval over seeds" if result["seeds"] > 1 else "over problems"
+    if result["seeds"] > 1 and any(len(per_seed[m]) == 1 for m in methods):
+        interval += ("; rows evaluated once, the base model shared by every seed "
+                     "(`demo.shared_base`), over problems")
     out = ["# SCoRe at toy scale: the paper's table on CPU", "",
            f"Made by `{result['command']}` in {result['seconds'] / 60:.0f} minutes on this repository's "
            f"2-core CI machine ({result['seeds']} seed(s); `runs/.../results.json` holds every number).", "",
@@ -296,5 +322,7 @@ def markdown(result: dict, methods, per_seed: dict) -> str:
             "| method | " + " | ".join(f"seed {i}" for i in range(result["seeds"])) + " |",
             "|---|" + "---|" * result["seeds"]]
     for m in methods:
-        out.append(f"| {LABELS[m]} | " + " | ".join(f"{100 * v:.1f}" for v in rows[m]["per_seed"]["delta"]) + " |")
+        values = rows[m]["per_seed"]["delta"]
+        cells = [f"{100 * v:.1f}" for v in values] + ["(seed 0's)"] * (result["seeds"] - len(values))
+        out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"

@@ -187,6 +187,8 @@ class DemoSettings:
     results_md: str  # "" or a path: also write the table as Markdown there
     sampled_temperature: float
     sampled_samples: int  # a second, sampled evaluation of every row (0 = none)
+    shared_base: bool  # every seed starts from seed 0's base model (the paper has one base model)
+    only_seed: int  # -1: every seed, then the table; i >= 0: only seed i's runs (parallel processes)
 
     def methods(self) -> tuple[str, ...]:
         return _csv(self.rows)
