@@ -79,3 +79,19 @@ def test_hf_reference_runs_on_a_tiny_llama():
     assert train > 0 and generate > 0
     with pytest.raises(ValueError, match="gelu_tanh"):
         hf_reference.build_model(dict(shape, activation="gelu_tanh"), max_positions=8)
+
+
+@pytest.mark.slow
+def test_learner_benchmark_prints_one_json_object_with_its_keys():
+    cmd = [sys.executable, "-m", "score_jax.bench.learner", "--preset=toy", "--episodes=8", "--prompt_len=8",
+           "--new_tokens=8", "--steps=1", "--toy_steps=0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1, p.stdout
+    out = json.loads(lines[0])
+    assert out["tokens_per_update"] == 8 * (8 + 2 * 8) and out["episodes"] == 8
+    # The ceiling is the higher of the two peak measurements, and the MFU is taken against it.
+    assert out["matmul_peak_flops"] == max(out["matmul_peak_measurements"]) > 0
+    assert out["mfu"] == pytest.approx(out["tokens_per_s"] * out["model_flops_per_token"] / out["matmul_peak_flops"])
+    assert 0 < out["mfu"]
