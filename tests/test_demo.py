@@ -66,21 +66,19 @@ def test_seeds_in_parallel_processes_share_the_base_model(tmp_path):
     """demo.shared_base with demo.only_seed: seed 1 alone (it makes seed 0's base model and uses
     it), then the whole command finishes seed 0 and writes the table over both seeds."""
     wd, data_dir, md = tmp_path / "demo", tmp_path / "tfds", tmp_path / "RESULTS.md"
-    common = ("--config.demo.rows=base,score", "--config.demo.seeds=2", "--config.demo.shared_base=True",
+    common = ("--config.demo.rows=base,stage1_only", "--config.demo.seeds=2", "--config.demo.shared_base=True",
               "--config.demo.sampled_samples=0", f"--config.demo.results_md={md}")
     p = _demo(wd, data_dir, *common, "--config.demo.only_seed=1")
     assert "demo seed 1 finished" in p.stderr and not (wd / "results.json").exists()
     seed0, seed1 = wd / "seed0", wd / "seed1"
     assert (seed0 / "base" / "summary.json").exists() and not (seed1 / "base").exists()
     assert not (seed1 / "eval_base").exists()  # the base row is evaluated once, under seed 0
-    for name in ("stage1", "score"):
-        cfg = json.loads((seed1 / name / "config.json").read_text())
-        assert cfg["rl"]["reference"] == str(seed0 / "base" / "export") and cfg["seed"] == 1, name
-    assert json.loads((seed1 / "stage1" / "config.json").read_text())["init_from"] == str(seed0 / "base" / "export")
+    cfg = json.loads((seed1 / "stage1" / "config.json").read_text())
+    assert cfg["rl"]["reference"] == cfg["init_from"] == str(seed0 / "base" / "export") and cfg["seed"] == 1
 
     _demo(wd, data_dir, *common)
     rows = json.loads((wd / "results.json").read_text())["rows"]
-    assert len(rows["base"]["per_seed"]["delta"]) == 1 and len(rows["score"]["per_seed"]["delta"]) == 2
+    assert len(rows["base"]["per_seed"]["delta"]) == 1 and len(rows["stage1_only"]["per_seed"]["delta"]) == 2
     base_eval = json.loads((seed0 / "eval_base" / "eval.json").read_text())
     assert rows["base"]["ci"]["delta"] == [base_eval["delta"]["ci_low"], base_eval["delta"]["ci_high"]]
     text = md.read_text()
