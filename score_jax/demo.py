@@ -238,7 +238,10 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     for m in methods:
         if sampled[m]:
             rows[m]["sampled"] = aggregate(sampled[m])
+    spans = [_wall_span(os.path.join(workdir, f"seed{s}")) for s in range(d.seeds)]
     result = {"rows": rows, "seeds": cfg.demo.seeds, "seconds": time.perf_counter() - t0,
+              "wall_seconds": max(e for _, e in spans) - min(b for b, _ in spans),
+              "seed_wall_seconds": [e - b for b, e in spans],
               "eval": dataclasses.asdict(cfg.eval.eval), "command": " ".join(sys.argv),
               "sampled_eval": {"temperature": cfg.demo.sampled_temperature, "samples_per_problem": cfg.demo.sampled_samples}}
     metrics.write_json(os.path.join(workdir, "results.json"), result)
@@ -253,6 +256,17 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
         with open(cfg.demo.results_md, "w") as f:
             f.write(markdown(result, methods, per_seed))
     return result
+
+
+def _wall_span(root: str) -> tuple[float, float]:
+    """(first start, last end) of a seed's runs, from their files: the time the runs took even when
+    they were resumed, ran in other processes (demo.only_seed) or were finished before this one."""
+    starts, ends = [], []
+    for name in os.listdir(root):
+        for f, into in (("config.json", starts), ("summary.json", ends), ("eval.json", ends)):
+            if os.path.exists(os.path.join(root, name, f)):
+                into.append(os.path.getmtime(os.path.join(root, name, f)))
+    return min(starts), max(ends)
 
 
 def _as_ci(row: dict, key: str) -> dict:
@@ -307,8 +321,12 @@ def markdown(result: dict, methods, per_seed: dict) -> str:
         interval += ("; rows evaluated once, the base model shared by every seed "
                      "(`demo.shared_base`), over problems")
     out = ["# SCoRe at toy scale: the paper's table on CPU", "",
-           f"Made by `{result['command']}` in {result['seconds'] / 60:.0f} minutes on this repository's "
-           f"2-core CI machine ({result['seeds']} seed(s); `runs/.../results.json` holds every number).", "",
+           f"Made by `{result['command']}` on this repository's 2-core CI machine ({result['seeds']} seed(s); "
+           "`results.json` in its workdir holds every number). The runs took "
+           f"{result['wall_seconds'] / 60:.0f} minutes of wall clock, from the first run's start to the last "
+           "one's end (per seed: " + ", ".join(f"{t / 60:.0f}" for t in result["seed_wall_seconds"]) + " minutes"
+           "; seeds can run side by side as separate processes with `--config.demo.only_seed=i`, then the "
+           "same command without it writes this report).", "",
            f"Evaluation: the first {ev['num_problems']} problems of the held-out toy test split, two attempts. "
            f"Percent of all problem samples; brackets: 95% intervals ({interval}).", "",
            "## Greedy decoding (the paper's protocol)", "", *_md_table(rows, methods), "",

@@ -83,6 +83,7 @@ def test_seeds_in_parallel_processes_share_the_base_model(tmp_path):
     assert rows["base"]["ci"]["delta"] == [base_eval["delta"]["ci_low"], base_eval["delta"]["ci_high"]]
     text = md.read_text()
     assert "| Base model | " in text and "(seed 0's)" in text and "shared by every seed" in text
+    assert "minutes of wall clock" in text and "only_seed" in text
 
 
 def test_only_seed_out_of_range_is_refused(tmp_path):
