@@ -216,6 +216,11 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     per_seed: dict[str, list[dict]] = {m: [] for m in methods}
     sampled: dict[str, list[dict]] = {m: [] for m in methods}
     first = _Seed(cfg, os.path.join(workdir, "seed0"), cfg.seed)
+    if d.shared_base and d.only_seed > 0 and not _done(first.path("base")):
+        raise ValueError(
+            f"demo.only_seed={d.only_seed} uses seed 0's base model (demo.shared_base), which is not finished at "
+            f"{first.path('base')}: run the same command with --config.demo.only_seed=0 first (the other seeds can "
+            "start once its base/ run is done), or set --config.demo.shared_base=False.")
     try:
         for s in ([d.only_seed] if d.only_seed >= 0 else range(d.seeds)):
             shared = first if d.shared_base and s > 0 else None

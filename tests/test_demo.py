@@ -63,20 +63,30 @@ def test_tiny_demo_writes_every_artefact_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_seeds_in_parallel_processes_share_the_base_model(tmp_path):
-    """demo.shared_base with demo.only_seed: seed 1 alone (it makes seed 0's base model and uses
-    it), then the whole command finishes seed 0 and writes the table over both seeds."""
+    """demo.shared_base with demo.only_seed: seed 0's runs, then seed 1's (on seed 0's base model),
+    each alone; then the whole command finds both finished and writes the table over both seeds."""
     wd, data_dir, md = tmp_path / "demo", tmp_path / "tfds", tmp_path / "RESULTS.md"
     common = ("--config.demo.rows=base,stage1_only", "--config.demo.seeds=2", "--config.demo.shared_base=True",
               "--config.demo.sampled_samples=0", f"--config.demo.results_md={md}")
+    seed0, seed1 = wd / "seed0", wd / "seed1"
+    # Seed 1 needs seed 0's base model: refused, naming what to run, before any work.
+    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:tiny", f"--workdir={wd}",
+           f"--config.data.data_dir={data_dir}", *common, "--config.demo.only_seed=1"]
+    early = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=300)
+    assert early.returncode == 2 and "--config.demo.only_seed=0 first" in early.stderr, early.stderr[-2000:]
+    assert not (seed1 / "stage1").exists()
+
+    p = _demo(wd, data_dir, *common, "--config.demo.only_seed=0")
+    assert "demo seed 0 finished" in p.stderr and not (wd / "results.json").exists()
     p = _demo(wd, data_dir, *common, "--config.demo.only_seed=1")
     assert "demo seed 1 finished" in p.stderr and not (wd / "results.json").exists()
-    seed0, seed1 = wd / "seed0", wd / "seed1"
     assert (seed0 / "base" / "summary.json").exists() and not (seed1 / "base").exists()
     assert not (seed1 / "eval_base").exists()  # the base row is evaluated once, under seed 0
     cfg = json.loads((seed1 / "stage1" / "config.json").read_text())
     assert cfg["rl"]["reference"] == cfg["init_from"] == str(seed0 / "base" / "export") and cfg["seed"] == 1
 
-    _demo(wd, data_dir, *common)
+    final = _demo(wd, data_dir, *common)
+    assert "demo seed 0: stage1\n" not in final.stderr and "demo seed 1: stage1\n" not in final.stderr
     rows = json.loads((wd / "results.json").read_text())["rows"]
     assert len(rows["base"]["per_seed"]["delta"]) == 1 and len(rows["stage1_only"]["per_seed"]["delta"]) == 2
     base_eval = json.loads((seed0 / "eval_base" / "eval.json").read_text())
