@@ -247,8 +247,10 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     result = {"rows": rows, "seeds": cfg.demo.seeds, "seconds": time.perf_counter() - t0,
               "wall_seconds": max(e for _, e in spans) - min(b for b, _ in spans),
               "seed_wall_seconds": [e - b for b, e in spans],
-              "eval": dataclasses.asdict(cfg.eval.eval), "command": " ".join(sys.argv),
-              "sampled_eval": {"temperature": cfg.demo.sampled_temperature, "samples_per_problem": cfg.demo.sampled_samples}}
+              "eval": dataclasses.asdict(cfg.eval.eval),
+              "command": " ".join(["python -m score_jax.main", *sys.argv[1:]]),
+              "sampled_eval": {"temperature": cfg.demo.sampled_temperature,
+                               "samples_per_problem": cfg.demo.sampled_samples}}
     metrics.write_json(os.path.join(workdir, "results.json"), result)
     _plots(workdir, rows, methods)
     print("Greedy (the paper's protocol):", flush=True)
