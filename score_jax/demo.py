@@ -212,7 +212,7 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     if unknown:
         raise ValueError(f"demo.rows has unknown methods {unknown}; choose from {', '.join(METHODS)}.")
     d = cfg.demo
-    if d.only_seed >= d.seeds:
+    if not -1 <= d.only_seed < d.seeds:
         raise ValueError(f"demo.only_seed={d.only_seed} but demo.seeds={d.seeds}: choose -1 or 0..{d.seeds - 1}.")
     per_seed: dict[str, list[dict]] = {m: [] for m in methods}
     sampled: dict[str, list[dict]] = {m: [] for m in methods}
@@ -245,6 +245,7 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
         if sampled[m]:
             rows[m]["sampled"] = aggregate(sampled[m])
     spans = [_wall_span(os.path.join(workdir, f"seed{s}")) for s in range(d.seeds)]
+    spans = [span for span in spans if span] or [(0.0, time.perf_counter() - t0)]
     result = {"rows": rows, "seeds": cfg.demo.seeds, "seconds": time.perf_counter() - t0,
               "wall_seconds": max(e for _, e in spans) - min(b for b, _ in spans),
               "seed_wall_seconds": [e - b for b, e in spans],
@@ -266,15 +267,16 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
     return result
 
 
-def _wall_span(root: str) -> tuple[float, float]:
+def _wall_span(root: str) -> tuple[float, float] | None:
     """(first start, last end) of a seed's runs, from their files: the time the runs took even when
-    they were resumed, ran in other processes (demo.only_seed) or were finished before this one."""
+    they were resumed, ran in other processes (demo.only_seed) or were finished before this one.
+    None for a seed with no runs of its own (only untrained rows on a shared base)."""
     starts, ends = [], []
-    for name in os.listdir(root):
+    for name in (os.listdir(root) if os.path.isdir(root) else ()):
         for f, into in (("config.json", starts), ("summary.json", ends), ("eval.json", ends)):
             if os.path.exists(os.path.join(root, name, f)):
                 into.append(os.path.getmtime(os.path.join(root, name, f)))
-    return min(starts), max(ends)
+    return (min(starts), max(ends)) if starts and ends else None
 
 
 def _as_ci(row: dict, key: str) -> dict:

@@ -101,3 +101,20 @@ def test_only_seed_out_of_range_is_refused(tmp_path):
            "--config.demo.seeds=2", "--config.demo.only_seed=2"]
     p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "demo.only_seed=2 but demo.seeds=2" in p.stderr, p.stderr[-2000:]
+
+
+def test_wall_span_reads_the_runs_files_and_skips_seeds_without_runs(tmp_path):
+    import os
+
+    for name, files, t in (("stage1", ("config.json", "summary.json"), (100.0, 400.0)),
+                           ("eval_score", ("config.json", "eval.json"), (450.0, 500.0))):
+        (tmp_path / "seed0" / name).mkdir(parents=True)
+        for f, when in zip(files, t):
+            path = tmp_path / "seed0" / name / f
+            path.write_text("{}")
+            os.utime(path, (when, when))
+    assert demo._wall_span(str(tmp_path / "seed0")) == (100.0, 500.0)
+    assert demo._wall_span(str(tmp_path / "seed1")) is None  # only untrained rows: no runs of its own
+    (tmp_path / "seed2" / "stage1").mkdir(parents=True)
+    (tmp_path / "seed2" / "stage1" / "config.json").write_text("{}")  # started, never finished
+    assert demo._wall_span(str(tmp_path / "seed2")) is None
