@@ -12,11 +12,11 @@ from score_jax import demo
 ROOT = sft_e2e.ROOT
 
 
-def _demo(workdir, data_dir, *overrides):
+def _demo(workdir, data_dir, *overrides, returncode=0, timeout=1200):
     cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == returncode, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
@@ -70,10 +70,8 @@ def test_seeds_in_parallel_processes_share_the_base_model(tmp_path):
               "--config.demo.sampled_samples=0", f"--config.demo.results_md={md}")
     seed0, seed1 = wd / "seed0", wd / "seed1"
     # Seed 1 needs seed 0's base model: refused, naming what to run, before any work.
-    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:tiny", f"--workdir={wd}",
-           f"--config.data.data_dir={data_dir}", *common, "--config.demo.only_seed=1"]
-    early = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=300)
-    assert early.returncode == 2 and "--config.demo.only_seed=0 first" in early.stderr, early.stderr[-2000:]
+    early = _demo(wd, data_dir, *common, "--config.demo.only_seed=1", returncode=2, timeout=300)
+    assert "--config.demo.only_seed=0 first" in early.stderr, early.stderr[-2000:]
     assert not (seed1 / "stage1").exists()
 
     p = _demo(wd, data_dir, *common, "--config.demo.only_seed=0")
@@ -97,10 +95,9 @@ def test_seeds_in_parallel_processes_share_the_base_model(tmp_path):
 
 
 def test_only_seed_out_of_range_is_refused(tmp_path):
-    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py:tiny", f"--workdir={tmp_path}",
-           "--config.demo.seeds=2", "--config.demo.only_seed=2"]
-    p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "demo.only_seed=2 but demo.seeds=2" in p.stderr, p.stderr[-2000:]
+    p = _demo(tmp_path, tmp_path / "tfds", "--config.demo.seeds=2", "--config.demo.only_seed=2", returncode=2,
+              timeout=300)
+    assert "demo.only_seed=2 but demo.seeds=2" in p.stderr, p.stderr[-2000:]
 
 
 def test_wall_span_reads_the_runs_files_and_skips_seeds_without_runs(tmp_path):
