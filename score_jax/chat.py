@@ -100,8 +100,11 @@ class ChatTemplate:
         return f"{self._text(text)}{self.model_end}"
 
 
-TOY = ChatTemplate(name="toy", user_start="<user>", user_end="<eot>", model_start="<model>",
-                   model_end="<eot>", stop_pieces=("<eot>",), special_pieces=("<user>", "<model>", "<eot>"))
+# The toy task's template (score_jax.data.toy trains its tokenizer with ``TOY.special_pieces`` as
+# single, unsplittable pieces, in this order): ``<user>{prompt}<eot><model>{response}<eot>``.
+_TOY_USER, _TOY_MODEL, _TOY_END = "<user>", "<model>", "<eot>"
+TOY = ChatTemplate(name="toy", user_start=_TOY_USER, user_end=_TOY_END, model_start=_TOY_MODEL,
+                   model_end=_TOY_END, stop_pieces=(_TOY_END,), special_pieces=(_TOY_USER, _TOY_MODEL, _TOY_END))
 
 GEMMA = ChatTemplate(
     name="gemma",

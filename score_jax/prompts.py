@@ -1,6 +1,7 @@
-"""Prompt text for the toy chat template and the fixed correction instruction.
+"""Prompt text: the toy task's correction instruction and the task prompts of the paper.
 
-The toy template (used with tokenizers trained by `score_jax.data.toy`) is
+The toy chat template (used with tokenizers trained by `score_jax.data.toy`) is
+`score_jax.chat.TOY`, which defines its markers:
 
     <user>{prompt}<eot><model>{response}<eot>
 
@@ -15,12 +16,15 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-USER = "<user>"
-MODEL = "<model>"
-END_OF_TURN = "<eot>"
+from score_jax import chat
+
+# The toy template's markers, as chat.TOY defines them.
+USER = chat.TOY.user_start
+MODEL = chat.TOY.model_start
+END_OF_TURN = chat.TOY.model_end
 
 # Pieces the toy tokenizer must hold as single, unsplittable tokens.
-TOY_SYMBOLS = (USER, MODEL, END_OF_TURN)
+TOY_SYMBOLS = chat.TOY.special_pieces
 
 # SCoRe's instruction p for attempt 2. It is fixed and says nothing about whether attempt 1
 # was right, so it leaks no answer.
@@ -39,11 +43,12 @@ TOY_SELF_REFINE = (
 
 
 def render_turn(prompt: str) -> str:
-    """Returns the user turn followed by the model-turn opener: `<user>{prompt}<eot><model>`.
+    """Returns the user turn followed by the model-turn opener: `<user>{prompt}<eot><model>`
+    (`chat.TOY.first_prompt`).
 
     The model's response, then `END_OF_TURN`, follow this text directly.
     """
-    return f"{USER}{prompt}{END_OF_TURN}{MODEL}"
+    return chat.TOY.first_prompt(prompt)
 
 
 # ----------------------------------------------------------------------------- task prompts

@@ -290,11 +290,11 @@ def test_gemma_over_sentencepiece(tmp_path):
 def test_toy_template_ids_are_unchanged(tmp_path):
     path = tmp_path / "tokenizer.model"
     tokenizer.train_sentencepiece(["What is 1 + 2?", "Answer: 3", prompts.TOY_CORRECTION] * 20, path,
-                                  vocab_size=120, user_symbols=prompts.TOY_SYMBOLS)
+                                  vocab_size=120, user_symbols=chat.TOY.special_pieces)
     tok = tokenizer.load(path)
     toy = chat.get("toy")
-    user, model, eot = (tok.token_id(p) for p in (prompts.USER, prompts.MODEL, prompts.END_OF_TURN))
-    assert toy.first_prompt("What is 1 + 2?") == prompts.render_turn("What is 1 + 2?")
+    user, model, eot = (tok.token_id(p) for p in ("<user>", "<model>", "<eot>"))
+    assert toy.first_prompt("What is 1 + 2?") == "<user>What is 1 + 2?<eot><model>"
     assert chat.encode_prompt(tok, toy, "What is 1 + 2?") == [tok.bos_id, user, *tok.encode("What is 1 + 2?"), eot, model]
     assert chat.instruction_ids(tok, toy, prompts.TOY_CORRECTION) == [user, *tok.encode(prompts.TOY_CORRECTION), eot, model]
     assert chat.response_ids(tok, toy, "Answer: 3") == [*tok.encode("Answer: 3"), eot]

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
+from score_jax import chat
 from score_jax import data
-from score_jax import prompts
 from score_jax import tokenizer
 from score_jax.data import toy
+from score_jax.rewards import toy as toy_reward_lib
 
 TRAIN, TEST = 300, 60
 _PROMPT = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
@@ -113,8 +114,8 @@ def test_answers_are_true_results(builds, split):
         truth = {"+": a + b, "-": a - b, "*": a * b}[op]
         assert r["answer"] == str(truth)
         assert r["response"].splitlines()[-1] == f"Answer: {truth}"
-        assert toy.check_answer(r["response"], r["answer"])
-        assert not toy.check_answer(r["response"], str(truth + 1))
+        assert toy_reward_lib.toy_reward(r["response"], r["answer"])
+        assert not toy_reward_lib.toy_reward(r["response"], str(truth + 1))
     assert ops == {"+", "-", "*"}
 
 
@@ -122,7 +123,7 @@ def test_examples_fit_token_budget(builds):
     tok = tokenizer.load(builds[0].data_dir)
     for split in ("train", "test"):
         for r in _records(builds[0], split):
-            text = prompts.render_turn(r["prompt"]) + r["response"] + prompts.END_OF_TURN
+            text = chat.TOY.first_prompt(r["prompt"]) + chat.TOY.response(r["response"])
             ids = tok.encode(text)
             assert len(ids) <= 100
             assert tok.decode(ids) == text
@@ -156,18 +157,6 @@ def test_solve_writes_place_value_steps():
     assert toy.solve("*", 47, 6)[1] == "7*6=42, write 2 carry 4\n4*6+4=28, write 28\nAnswer: 282"
 
 
-def test_check_answer():
-    assert toy.check_answer("steps\nAnswer: -42", "-42")
-    assert toy.check_answer("Answer: 1\nAnswer: 7\n", "7")  # The last answer line counts.
-    assert toy.check_answer("Answer: 007", "7")
-    assert not toy.check_answer("Answer: 1\nAnswer: 7", "1")
-    assert not toy.check_answer("the answer is 7", "7")
-    assert not toy.check_answer("Answer: 7.5", "7")
-    assert toy.extract_answer("x\nAnswer:  12 \n") == "12"
-    with pytest.raises(ValueError, match="not an integer"):
-        toy.check_answer("Answer: 1", "one")
-
-
 def test_slips_change_one_line_and_the_answer_consistently():
     """A slip puts one column's result off by one; the rest follows from the wrong line."""
     assert toy.solve("+", 347, 85, slip=(1, 1))[1] == (
@@ -183,7 +172,7 @@ def test_slips_change_one_line_and_the_answer_consistently():
             for delta in (-1, 1):
                 _, response, answer = toy.solve(op, a, b, slip=(column, delta))
                 assert int(answer) == truth  # the reference stays the true result
-                assert int(toy.extract_answer(response)) != truth, (op, a, b, column, delta)
+                assert int(toy_reward_lib.extract_answer(response)) != truth, (op, a, b, column, delta)
                 clean = toy.solve(op, a, b)[1].splitlines()
                 changed = [i for i, (x, y) in enumerate(zip(response.splitlines(), clean)) if x != y]
                 assert changed[-1] == len(clean) - 1  # the answer line
@@ -191,8 +180,8 @@ def test_slips_change_one_line_and_the_answer_consistently():
 
 def test_base_attempts_revise_without_knowing_when():
     exs = toy.examples(seed=5, train_size=6000, test_size=10)["train"]
-    right1 = np.array([toy.check_answer(e["attempt1"], e["answer"]) for e in exs])
-    right2 = np.array([toy.check_answer(e["attempt2"], e["answer"]) for e in exs])
+    right1 = np.array([toy_reward_lib.toy_reward(e["attempt1"], e["answer"]) for e in exs]).astype(bool)
+    right2 = np.array([toy_reward_lib.toy_reward(e["attempt2"], e["answer"]) for e in exs]).astype(bool)
     copies = np.array([e["attempt1"] == e["attempt2"] for e in exs])
     c, s = toy.DEFAULT_COPY_RATE, toy.DEFAULT_SLIP_RATE
     assert abs((1 - right1.mean()) - s) < 0.03

@@ -12,7 +12,8 @@ Problems are drawn in equal shares: addition and subtraction of two 2-3 digit nu
 may be negative), and multiplication of a 2-3 digit number by a digit 2-9. (Train holds a few
 percent fewer multiplications than test: the 2-digit by 1-digit space has only 720 problems,
 and those in test are excluded from train.) The solution works one
-place value at a time (ones first) and its last line is exactly `Answer: <integer>`. Short
+place value at a time (ones first) and its last line is exactly `Answer: <integer>` (the format
+of score_jax/rewards/toy.py, which scores it). Short
 two-digit problems are easy and three-digit ones with carries or borrows are harder, so a
 few-million-parameter model learns the task in minutes but stays imperfect.
 
@@ -25,7 +26,6 @@ as `tokenizer.model` in the dataset's directory, next to the array_record files.
 import contextlib
 import dataclasses
 import os
-import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,8 +33,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import example_serializer
 
-from score_jax import prompts
+from score_jax import chat, prompts
 from score_jax import tokenizer
+from score_jax.rewards import toy as toy_reward_lib
 
 TOKENIZER_FILE = "tokenizer.model"
 DEFAULT_SEED = 0
@@ -47,34 +48,6 @@ DEFAULT_COPY_RATE = 0.5
 # Characters the toy tokenizer always holds, so printable ASCII text encodes losslessly.
 PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))  # Space is always a piece.
 _OPS = ("+", "-", "*")
-# The answer line: a whole line `Answer: <integer>` (e.g. `Answer: -42`); the last one counts.
-# The one definition of the format: score_jax/rewards/toy.py scores completions with it too.
-ANSWER_PATTERN = r"(?m)^Answer:[ \t]*(?P<answer>-?\d+)[ \t]*$"
-_ANSWER_LINE = re.compile(ANSWER_PATTERN)
-
-
-# ----------------------------------------------------------------------------- answers
-
-
-def extract_answer(completion: str) -> str | None:
-    """Returns the integer (as written) on the last `Answer: <integer>` line, or None."""
-    found = _ANSWER_LINE.findall(completion)
-    return found[-1] if found else None
-
-
-def check_answer(completion: str, answer: str) -> bool:
-    """True iff the last `Answer: <integer>` line of `completion` states the integer `answer`.
-
-    Integers compare by value, so `Answer: 007` matches "7"; text after that line is ignored.
-    """
-    try:
-        expected = int(answer)
-    except ValueError:
-        raise ValueError(
-            f"Reference answer {answer!r} is not an integer; pass the record's `answer` field."
-        ) from None
-    got = extract_answer(completion)
-    return got is not None and int(got) == expected
 
 
 # ----------------------------------------------------------------------------- solutions
@@ -174,7 +147,7 @@ def solve(op: str, a: int, b: int, slip: Slip = None) -> tuple[str, str, str]:
         lines, value = _mul_steps(a, b, slip)
     else:
         raise ValueError(f"Unknown operator {op!r}; use one of {_OPS}.")
-    lines.append(f"Answer: {value}")
+    lines.append(toy_reward_lib.answer_text(str(value)))  # the format the reward reads
     return f"What is {a} {op} {b}?", "\n".join(lines), str(result)
 
 
@@ -262,13 +235,8 @@ def tokenizer_corpus(train_examples: list[dict[str, str]]) -> list[str]:
     Each example as a two-turn episode in the toy template, so the correction instruction
     gets whole-word pieces.
     """
-    correction = prompts.render_turn(prompts.TOY_CORRECTION)
-    episodes = [
-        prompts.render_turn(ex["prompt"]) + ex["response"] + prompts.END_OF_TURN
-        + correction + ex["response"] + prompts.END_OF_TURN
-        for ex in train_examples
-    ]
-    return episodes
+    return [chat.render_episode(chat.TOY, ex["prompt"], [ex["response"]] * 2, prompts.TOY_CORRECTION)
+            for ex in train_examples]
 
 
 # ----------------------------------------------------------------------------- TFDS builder
@@ -399,6 +367,6 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
             tokenizer_corpus(self._examples["train"]),
             self.tokenizer_path,
             vocab_size=self.builder_config.vocab_size,
-            user_symbols=prompts.TOY_SYMBOLS,
+            user_symbols=chat.TOY.special_pieces,
             required_chars=PRINTABLE_ASCII,
         )

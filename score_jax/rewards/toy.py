@@ -1,15 +1,29 @@
-"""Toy-task reward: the arithmetic task's solutions end with the line `Answer: <integer>`.
+"""Toy-task reward, and the one definition of the toy answer format.
 
-The task itself (problems, step-by-step solutions) and the answer-line format
-(`ANSWER_PATTERN`) live in score_jax/data/toy.py; this module only scores against them.
+The arithmetic task's solutions (score_jax/data/toy.py writes them with `answer_text`) end with
+the line `Answer: <integer>`; `ANSWER_PATTERN` reads it back. This module imports nothing heavy
+(no tensorflow_datasets), so importing the reward registry stays cheap, e.g. in every
+math-verify worker.
 """
 from score_jax.rewards import math as math_reward_lib
+
+# The answer line: a whole line `Answer: <integer>` (e.g. `Answer: -42`); the last one counts.
+ANSWER_PATTERN = r"(?m)^Answer:[ \t]*(?P<answer>-?\d+)[ \t]*$"
+
+
+def answer_text(answer: str) -> str:
+    """The answer line stating `answer`: a completion that `toy_reward` scores as that answer."""
+    return f"Answer: {answer}"
+
+
+def extract_answer(completion: str) -> str | None:
+    """Returns the integer (as written) on the last `Answer: <integer>` line, or None."""
+    return math_reward_lib.extract_answer(completion, pattern=ANSWER_PATTERN)
 
 
 def final_answer(completion: str) -> str | None:
     """The integer on the last `Answer: <integer>` line, canonical (`007` -> "7"), or None."""
-    from score_jax.data import toy as toy_data  # see toy_reward
-    answer = math_reward_lib.extract_answer(completion, pattern=toy_data.ANSWER_PATTERN)
+    answer = extract_answer(completion)
     return None if answer is None else str(int(answer))
 
 
@@ -24,10 +38,7 @@ def toy_reward(completion: str, reference: str) -> float:
     except ValueError:
         raise ValueError(f"toy reference answer {reference!r} is not an integer; pass the "
                          "record's `answer` field (e.g. '-42')") from None
-    # Imported here, not at the top: score_jax.data.toy pulls in tensorflow_datasets (~1 s,
-    # ~45 MB), which importing the reward registry (e.g. every math-verify worker) should not pay.
-    from score_jax.data import toy as toy_data
-    answer = math_reward_lib.extract_answer(completion, pattern=toy_data.ANSWER_PATTERN)
+    answer = extract_answer(completion)
     return 1.0 if answer is not None and int(answer) == expected else 0.0
 
 
