@@ -142,7 +142,7 @@ class _Seed:
                                 ev.eval.max_new_tokens, ev.eval.chunk_len)
         gen = eval_job.generate(ev.model, params, mesh, ps, tok, template, cfg.sft.task.correction, dec,
                                 self.seed + 1000 + len(name))
-        correct = eval_job.score(rewards.BATCH_REWARDS[cfg.sft.task.reward], gen, ps)
+        correct = eval_job.score(rewards.REWARDS[cfg.sft.task.reward].score_batch, gen, ps)
         source = builder.as_data_source(split=cfg.sft.data.train_split)
         records = (baselines.star_records(source, ps, gen, correct) if kind == "star"
                    else baselines.pair_records(source, ps, gen, correct, self.seed))

@@ -129,7 +129,7 @@ def scaling_study(cfg, params, mesh, ps, tok, template, task: settings.TaskConfi
                    ev.max_new_tokens, ev.chunk_len)
     gen = generate(cfg, params, mesh, ps, tok, template, task.correction, dec, seed + 1)
     S, P = ev.scaling_samples, len(ps)
-    extract = rewards.ANSWERS[task.reward]
+    extract = rewards.REWARDS[task.reward].final_answer
     answers = np.empty((2, P, S), dtype=object)
     for a in range(2):
         for row, text in enumerate(gen["texts"][a]):
@@ -140,8 +140,8 @@ def scaling_study(cfg, params, mesh, ps, tok, template, task: settings.TaskConfi
         if answer is None:
             return False
         if (p, answer) not in cache:
-            cache[(p, answer)] = rewards.BATCH_REWARDS[task.reward](
-                [rewards.ANSWER_TEXT[task.reward](answer)], [ps.answers[p]])[0] == 1.0
+            cache[(p, answer)] = rewards.REWARDS[task.reward].score_batch(
+                [rewards.REWARDS[task.reward].answer_text(answer)], [ps.answers[p]])[0] == 1.0
         return cache[(p, answer)]
 
     return evaluate.inference_scaling(answers, is_correct, evaluate.scaling_budgets(S))
@@ -149,8 +149,8 @@ def scaling_study(cfg, params, mesh, ps, tok, template, task: settings.TaskConfi
 
 def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
     ev, task = cfg.eval, cfg.task
-    if task.reward not in rewards.BATCH_REWARDS:
-        raise ValueError(f"task.reward={task.reward!r}; choose one of {sorted(rewards.BATCH_REWARDS)}.")
+    if task.reward not in rewards.REWARDS:
+        raise ValueError(f"task.reward={task.reward!r}; choose one of {sorted(rewards.REWARDS)}.")
     if not ev.params:
         raise ValueError("eval.params is empty; point it at an export, e.g. runs/stage2_toy/export.")
     inputs.require_params(ev.params, "params", _HOW)
@@ -161,7 +161,7 @@ def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
     ps = inputs.prompts(builder, ev.split, tok, task, max_prompt_len=ev.max_prompt_len, too_long=cfg.data.too_long,
                         limit=ev.num_problems)
     params = load_policy(ev.params, cfg.model, mesh)
-    reward_fn = rewards.BATCH_REWARDS[task.reward]
+    reward_fn = rewards.REWARDS[task.reward].score_batch
     dec = Decoding(ev.num_attempts, ev.temperature, ev.top_k, ev.top_p, ev.samples_per_problem, ev.batch_size,
                    ev.max_new_tokens, ev.chunk_len)
     t0 = time.perf_counter()

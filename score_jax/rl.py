@@ -66,9 +66,9 @@ def run(cfg: settings.RLTrainConfig, workdir: str) -> dict:
     """Trains, checkpoints, exports params to ``<workdir>/export`` (and the best to
     ``<workdir>/best``), and returns the summary also written to ``<workdir>/summary.json``."""
     rl = cfg.rl
-    if cfg.task.reward not in rewards.BATCH_REWARDS:
-        raise ValueError(f"task.reward={cfg.task.reward!r}; choose one of {sorted(rewards.BATCH_REWARDS)}.")
-    reward_fn = rewards.BATCH_REWARDS[cfg.task.reward]
+    if cfg.task.reward not in rewards.REWARDS:
+        raise ValueError(f"task.reward={cfg.task.reward!r}; choose one of {sorted(rewards.REWARDS)}.")
+    reward_fn = rewards.REWARDS[cfg.task.reward].score_batch
     template = chat.get(cfg.task.chat_template)
     # ------------------------------------------------------------------ mesh
     mesh = sharding.make_mesh(cfg.mesh)

@@ -238,7 +238,7 @@ def test_mbpp_records_and_their_tests_run_in_the_sandbox(mbpp_build):
                    for i in ids]
     answers = [records[i]["answer"] for i in ids]
     wrong = "def is_not_prime(n):\n    return False\n[DONE]"
-    assert rewards.BATCH_REWARDS["code"](completions + [wrong], answers + [records["3"]["answer"]]) \
+    assert rewards.REWARDS["code"].score_batch(completions + [wrong], answers + [records["3"]["answer"]]) \
         == [1.0, 1.0, 1.0, 1.0, 0.0]
 
 
@@ -274,7 +274,7 @@ def test_humaneval_is_the_packaged_164_and_its_answers_score_the_canonical_solut
     completions = [f"```python\n{r['response']}```" for r in chosen]
     completions += [f"```python\n{r['prompt']}    pass\n```" for r in chosen]
     answers = [r["answer"] for r in chosen] * 2
-    assert rewards.BATCH_REWARDS["code"](completions, answers) == [1.0, 1.0, 0.0, 0.0]
+    assert rewards.REWARDS["code"].score_batch(completions, answers) == [1.0, 1.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------- GSM8K
@@ -397,7 +397,7 @@ def test_math_prompt_and_the_paper_instructions(math_build):
         "rewrite the solution. End with the line Answer: <integer>.")
     # A completion in the form the instructions ask for scores through the math reward.
     completion = "x = 2.\nFinal Answer: The final answer is $2$. I hope it is correct."
-    assert rewards.REWARDS["math"](completion, record["answer"]) == 1.0
+    assert rewards.REWARDS["math"].score(completion, record["answer"]) == 1.0
 
 
 def test_humaneval_prompt(humaneval_build):
@@ -432,7 +432,7 @@ FIELDS = {"dataset", "train_split", "eval_split", "reward", "prompt_template", "
 def test_task_configs_name_real_builders_rewards_and_fields(name):
     task = tasks.get(name)
     assert set(task.keys()) == FIELDS
-    assert task.dataset in data.BUILDERS and task.reward in rewards.BATCH_REWARDS
+    assert task.dataset in data.BUILDERS and task.reward in rewards.REWARDS
     assert bool(task.manual_dir) == data.needs_manual_dir(task.dataset)
     assert task.max_prompt_len > 0 and task.max_new_tokens > 0
     assert task.correction and "{" not in task.correction

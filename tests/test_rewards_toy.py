@@ -1,11 +1,15 @@
 """Toy reward and the reward registry."""
 import inspect
 import re
+import subprocess
+import sys
 
 import pytest
 
 from score_jax import rewards
 from score_jax.data import toy as toy_data
+from score_jax.rewards import code
+from score_jax.rewards import math as math_reward_lib
 from score_jax.rewards import toy
 
 
@@ -27,28 +31,39 @@ def test_toy_reward(completion, reference, expected):
     assert toy.toy_reward(completion, reference) == expected
 
 
-def test_answer_pattern_is_defined_once_in_the_toy_task():
-    assert re.compile(toy_data.ANSWER_PATTERN).groupindex == {"answer": 1}
-    assert "toy_data.ANSWER_PATTERN" in inspect.getsource(toy.toy_reward)
-    assert "ANSWER_PATTERN" in inspect.getsource(toy_data)  # the task's checker uses it too
+def test_answer_format_is_defined_once_in_the_reward():
+    assert re.compile(toy.ANSWER_PATTERN).groupindex == {"answer": 1}
+    assert "ANSWER_PATTERN" in inspect.getsource(toy.extract_answer)
+    assert "extract_answer" in inspect.getsource(toy.toy_reward)
+    assert "answer_text" in inspect.getsource(toy_data.solve)  # the task writes the reward's format
     sources = inspect.getsource(toy) + inspect.getsource(toy_data)
     assert sources.count("^Answer:") == 1, "the answer-line regex is written out more than once"
+    assert not hasattr(toy_data, "check_answer") and not hasattr(toy_data, "ANSWER_PATTERN")
+
+
+def test_answer_lines():
+    check = toy.toy_reward
+    assert check("steps\nAnswer: -42", "-42")
+    assert check("Answer: 1\nAnswer: 7\n", "7")  # The last answer line counts.
+    assert check("Answer: 007", "7")
+    assert not check("Answer: 1\nAnswer: 7", "1")
+    assert not check("the answer is 7", "7")
+    assert not check("Answer: 7.5", "7")
+    assert toy.extract_answer("x\nAnswer:  12 \n") == "12"
+    assert toy.final_answer("Answer: 007\n") == "7" and toy.final_answer("Answer: 4.5") is None
+    assert toy.toy_reward(toy.answer_text("-42"), "-42") == 1.0
+
+
+def test_the_reward_registry_imports_without_tensorflow_datasets():
+    code_ = "import sys, score_jax.rewards; print('tensorflow_datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    assert out.strip() == "False"
 
 
 def test_non_integer_reference_is_a_data_error():
     with pytest.raises(ValueError, match="not an integer"):
         toy.toy_reward("Answer: 1", "one")
-
-
-def test_toy_reward_agrees_with_the_toy_task_checker():
-    # The two share ANSWER_PATTERN but not the code around it (last match, stripping, integer
-    # comparison, errors); test_toy_reward above is the independent check of the pattern.
-    cases = ["Answer: 432", "x\nAnswer: -42", "Answer: 007", "Answer: 4.5", "Answer:12",
-             "Answer: 1\nAnswer: 2", "Answer: 3 \n", "no answer", "Answer: +3"]
-    for completion in cases:
-        for reference in ("432", "-42", "7", "4", "12", "2", "3", "1"):
-            assert toy.toy_reward(completion, reference) == float(
-                toy_data.check_answer(completion, reference)), (completion, reference)
 
 
 def test_toy_reward_scores_the_toy_tasks_own_solutions():
@@ -67,27 +82,42 @@ def test_toy_batch():
 
 
 def test_registry_is_a_plain_dict_with_one_signature():
-    assert isinstance(rewards.REWARDS, dict) and isinstance(rewards.BATCH_REWARDS, dict)
-    assert set(rewards.REWARDS) == set(rewards.BATCH_REWARDS) == {"math", "toy", "code"}
-    for fn in list(rewards.REWARDS.values()) + list(rewards.BATCH_REWARDS.values()):
-        required = [p for p in inspect.signature(fn).parameters.values()
-                    if p.default is inspect.Parameter.empty]
-        assert len(required) == 2, fn
-    assert rewards.REWARDS["toy"]("Answer: 3", "3") == 1.0
-    assert rewards.REWARDS["math"]("The final answer is $3$. I hope it is correct.", "3") == 1.0
-    assert rewards.BATCH_REWARDS["toy"](["Answer: 3"], ["4"]) == [0.0]
+    assert isinstance(rewards.REWARDS, dict)
+    assert set(rewards.REWARDS) == {"math", "toy", "code"}
+    for reward in rewards.REWARDS.values():
+        assert isinstance(reward, rewards.Reward)
+        for fn in (reward.score, reward.score_batch):
+            required = [p for p in inspect.signature(fn).parameters.values()
+                        if p.default is inspect.Parameter.empty]
+            assert len(required) == 2, fn
+    assert rewards.REWARDS["toy"].score("Answer: 3", "3") == 1.0
+    assert rewards.REWARDS["math"].score("The final answer is $3$. I hope it is correct.", "3") == 1.0
+    assert rewards.REWARDS["toy"].score_batch(["Answer: 3"], ["4"]) == [0.0]
+
+
+@pytest.mark.parametrize("name", ["toy", "math"])
+def test_registry_answer_text_is_scored_as_its_final_answer(name):
+    reward = rewards.REWARDS[name]
+    for answer in ("3", "-42"):
+        completion = reward.answer_text(answer)
+        assert reward.final_answer(completion) == answer
+        assert reward.score(completion, answer) == 1.0
+    assert reward.final_answer("no answer here") is None
+
+
+def test_registry_code_has_no_final_answer():
+    assert rewards.REWARDS["code"].final_answer is None and rewards.REWARDS["code"].answer_text is None
 
 
 def test_registry_code_entry_takes_test_code_as_reference():
     completion = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\n"
-    assert rewards.REWARDS["code"](completion, "assert add(2, 3) == 5") == 1.0
-    assert rewards.BATCH_REWARDS["code"]([completion, completion],
-                                         ["assert add(2, 3) == 5", "assert add(2, 3) == 6"]) \
+    assert rewards.REWARDS["code"].score(completion, "assert add(2, 3) == 5") == 1.0
+    assert rewards.REWARDS["code"].score_batch([completion, completion],
+                                               ["assert add(2, 3) == 5", "assert add(2, 3) == 6"]) \
         == [1.0, 0.0]
 
 
-def test_public_api_reexports():
-    assert rewards.math_reward is rewards.math.math_reward
-    assert rewards.code_reward is rewards.code.code_reward
-    assert rewards.code_rewards is rewards.code.code_rewards
-    assert rewards.toy_reward is toy.toy_reward
+def test_registry_entries_are_the_submodules_functions():
+    assert rewards.REWARDS["math"].score is math_reward_lib.math_reward
+    assert rewards.REWARDS["code"].score_batch is code.completion_rewards
+    assert rewards.REWARDS["toy"].score is toy.toy_reward

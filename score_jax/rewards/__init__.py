@@ -1,8 +1,9 @@
 """Rewards: binary oracle checks of a completion against a reference, picked by task name.
 
-Every entry of REWARDS has the signature (completion: str, reference: str) -> float (0.0 or
-1.0); BATCH_REWARDS holds the batch forms, (completions, references) -> list[float], which the
-learner should prefer (code runs its sandboxes in parallel, math its checks).
+REWARDS maps a task's reward name to its `Reward`: `score` (completion, reference) -> 0.0 or
+1.0; `score_batch`, the batch form, which the learner should prefer (code runs its sandboxes in
+parallel, math its checks); and, for tasks with a final answer to vote on, `final_answer` and
+its inverse `answer_text`.
 
     math  reference = the answer (or a solution with \\boxed{answer}); see rewards/math.py
     toy   reference = the integer answer string, e.g. "-42"; see rewards/toy.py
@@ -10,40 +11,31 @@ learner should prefer (code runs its sandboxes in parallel, math its checks).
           the program is the completion's [BEGIN]...[DONE] text (MBPP prompts) or its last
           ```python block; see rewards/code.py
 """
+import dataclasses
+from collections.abc import Callable
+
 from score_jax.rewards import code
 from score_jax.rewards import math
 from score_jax.rewards import toy
 
-REWARDS = {
-    "math": math.math_reward,
-    "toy": toy.toy_reward,
-    "code": code.completion_reward,
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    """One task's reward functions."""
+
+    score: Callable[[str, str], float]  # (completion, reference) -> 0.0 or 1.0
+    score_batch: Callable[[list[str], list[str]], list[float]]  # (completions, references)
+    # (completion) -> its canonical final answer, or None, for majority voting; None: no answer
+    # to vote on (code).
+    final_answer: Callable[[str], str | None] | None
+    answer_text: Callable[[str], str] | None  # (answer) -> a completion `score` reads as it
+
+
+REWARDS: dict[str, Reward] = {
+    "toy": Reward(score=toy.toy_reward, score_batch=toy.toy_rewards, final_answer=toy.final_answer,
+                  answer_text=toy.answer_text),
+    "math": Reward(score=math.math_reward, score_batch=math.math_rewards, final_answer=math.final_answer,
+                   answer_text=math.answer_text),
+    "code": Reward(score=code.completion_reward, score_batch=code.completion_rewards, final_answer=None,
+                   answer_text=None),
 }
-
-BATCH_REWARDS = {
-    "math": math.math_rewards,
-    "toy": toy.toy_rewards,
-    "code": code.completion_rewards,
-}
-
-
-
-def _math_answer(completion: str) -> str | None:
-    answer = math.extract_answer(completion)
-    return None if answer is None else math.normalize_answer(answer)
-
-
-# Final-answer extraction for majority voting, (completion) -> canonical answer str or None,
-# and the inverse, (answer) -> a completion that the task's reward scores as that answer.
-# Code has no final answer to vote on.
-ANSWERS = {"toy": toy.final_answer, "math": _math_answer}
-ANSWER_TEXT = {
-    "toy": lambda a: f"Answer: {a}",
-    "math": lambda a: f"Final Answer: The final answer is ${a}$. I hope it is correct.",
-}
-
-# The public API, re-exported.
-math_reward = math.math_reward
-toy_reward = toy.toy_reward
-code_reward = code.code_reward
-code_rewards = code.code_rewards

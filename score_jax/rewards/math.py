@@ -61,13 +61,13 @@ def extract_answer(completion: str, pattern: str | None = None) -> str | None:
         else:
             answer = last.group(1) if last.re.groups else last.group(0)
         return answer.strip() if answer is not None else None
-    answer = _final_answer(completion)
+    answer = _paper_form_answer(completion)
     if answer is None:
         answer = last_boxed(completion)
     return answer
 
 
-def _final_answer(text: str) -> str | None:
+def _paper_form_answer(text: str) -> str | None:
     """Content after the last 'final answer is', inside $...$, $$...$$, \\(...\\) or bare."""
     matches = list(_FINAL_ANSWER_RE.finditer(text))
     if not matches:
@@ -130,6 +130,18 @@ def _braced(text: str, open_index: int) -> str | None:
 def reference_answer(reference: str) -> str:
     """The answer in a MATH reference: its last \\boxed{}, a paper-form answer, or itself."""
     return extract_answer(reference) or reference.strip()
+
+
+def final_answer(completion: str) -> str | None:
+    """The completion's final answer, normalised (`normalize_answer`), or None: what majority
+    voting counts."""
+    answer = extract_answer(completion)
+    return None if answer is None else normalize_answer(answer)
+
+
+def answer_text(answer: str) -> str:
+    """A completion stating `answer` in the paper's form, which `math_reward` scores as that answer."""
+    return f"Final Answer: The final answer is ${answer}$. I hope it is correct."
 
 
 # ------------------------------------------------------------------------------- normalisation
