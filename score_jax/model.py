@@ -1,13 +1,17 @@
 """A decoder-only transformer in Flax NNX covering Llama 3.x, Qwen 2.5/3 and Gemma 2/3.
 
 Dimension letters used in every einsum and shape comment:
-    B batch        T query length      S key length (cache slots)
+    B batch        T query length      S key length (T, or all cache slots)   C one cache chunk's slots
     D d_model      N query heads       K key/value heads    G query heads per KV head (N / K)
     H head dim     F MLP width         V vocabulary         L layers
 
 Parameters carry logical axis names in their ``axes`` metadata; ``score_jax.sharding.RULES``
 maps them to mesh axes. Layer parameters are stacked along a leading ``layers`` axis, so the
 same checkpoint serves a scanned or an unrolled forward.
+
+Two paths run the same layers: ``Transformer.__call__`` / ``hidden`` for training and scoring
+(the T tokens attend to each other; layers scanned or unrolled, with remat), and
+``Transformer.decode`` for the sampler (a chunked KV cache; layers unrolled).
 
 Attention masks are built from token *positions*, not slot indices: a query at position p
 sees every filled key slot whose position is <= p (and > p - window on sliding layers). Empty
@@ -20,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -142,33 +145,52 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(H, cfg, rngs, stack)
         self.cfg = cfg
 
-    def __call__(self, x, sin, cos, q_pos, window, cache_kv, k_pos, index):
-        """x [B,T,D]; sin/cos [B,T,H/2]; q_pos [B,T]; window scalar int;
-        cache_kv None or (k, v) each [B,S,K,H]; k_pos [B,S] (or [B,T] without cache);
-        index: scalar slot where this call's T tokens are written. Returns ([B,T,D], cache_kv)."""
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    def __call__(self, x, sin, cos, q_pos, window, k_pos):
+        """The training forward's attention: the T tokens attend to each other.
+
+        x [B,T,D]; sin/cos [B,T,H/2]; q_pos [B,T]; window scalar int; k_pos [B,T] (q_pos with
+        -1 at padding). Returns [B,T,D].
+        """
+        dt = jnp.dtype(self.cfg.dtype)
         q, k, v = self._project(x, sin, cos)
-        if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            cache_kv = (ck, cv)
-            k, v = ck.astype(dt), cv.astype(dt)
         B, T, N, H = q.shape
-        K = k.shape[2]
-        q = q.reshape(B, T, K, N // K, H)
-        scale = (cfg.query_scale or cfg.head_dim) ** -0.5
+        q = self._grouped(q, k.shape[2])
         # f32 scores even from bf16 operands (as flash attention keeps them): a bf16 score of
         # magnitude ~30 is off by up to 0.06, which moves the softmax noticeably.
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q * jnp.asarray(scale, dt), k, preferred_element_type=jnp.float32)
-        if cfg.attn_softcap:
-            logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
-        qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
-        mask = (kp >= 0) & (kp <= qp) & (qp - kp < window)  # [B,T,S]
-        logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        probs = self._probs(logits, q_pos, k_pos, window)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), cache_kv
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
+
+    def decode(self, x, sin, cos, q_pos, window, chunks, k_pos, write, offset):
+        """Attention against a chunked cache (see ``Transformer.decode``).
+
+        x [B,T,D]; chunks: tuple of (k, v), each [B,K,C,H] (C may differ per chunk);
+        k_pos: tuple of [B,C], the chunks' positions, this call's already written.
+        This call's keys and values go into chunk ``write`` (static) at slot ``offset``.
+        Returns ([B,T,D], chunks).
+        """
+        dt = jnp.dtype(self.cfg.dtype)
+        q, k, v = self._project(x, sin, cos)
+        chunks = list(chunks)
+        ck, cv = chunks[write]
+        kv_new = [jnp.swapaxes(a, 1, 2).astype(ck.dtype) for a in (k, v)]  # [B,K,T,H]
+        chunks[write] = tuple(sharding.constrain(jax.lax.dynamic_update_slice(c, a, (0, 0, offset, 0)), CHUNK_AXES)
+                              for c, a in zip((ck, cv), kv_new))
+        B, T, N, H = q.shape
+        q = self._grouped(q, k.shape[2])
+        # One score matmul per chunk, each reading its own buffer: a slice or concatenation
+        # of cache buffers would be a copy on XLA:CPU (4x slower than the matmul itself).
+        logits = jnp.concatenate([jnp.einsum("BTKGH,BKCH->BKGTC", q, c[0].astype(dt), preferred_element_type=jnp.float32)
+                                  for c in chunks], axis=-1)  # [B,K,G,T,S]
+        probs = self._probs(logits, q_pos, jnp.concatenate(k_pos, axis=1), window)
+        out, start = 0, 0
+        for _, c in chunks:
+            C = c.shape[2]
+            out = out + jnp.einsum("BKGTC,BKCH->BTKGH", probs[..., start:start + C], c.astype(dt))
+            start += C
+        out = out.reshape(B, T, N, H)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), tuple(chunks)
 
     def _project(self, x, sin, cos):
         """q [B,T,N,H], k and v [B,T,K,H]: projections, biases, qk-norm and RoPE."""
@@ -183,40 +205,21 @@ class Attention(nnx.Module):
         q, k = _rope(q, sin, cos), _rope(k, sin, cos)
         return sharding.constrain(q, ("batch", "length", "act_heads", None)), k, v
 
-    def decode(self, x, sin, cos, q_pos, window, chunks, k_pos, write, offset):
-        """Attention against a chunked cache (see ``Transformer.decode``).
-
-        x [B,T,D]; chunks: tuple of (k, v), each [B,K,C,H] (C may differ per chunk);
-        k_pos: tuple of [B,C], the chunks' positions, this call's already written.
-        This call's keys and values go into chunk ``write`` (static) at slot ``offset``.
-        Returns ([B,T,D], chunks).
-        """
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q, k, v = self._project(x, sin, cos)
-        chunks = list(chunks)
-        ck, cv = chunks[write]
-        kv_new = [jnp.swapaxes(a, 1, 2).astype(ck.dtype) for a in (k, v)]  # [B,K,T,H]
-        chunks[write] = tuple(sharding.constrain(jax.lax.dynamic_update_slice(c, a, (0, 0, offset, 0)), CHUNK_AXES)
-                              for c, a in zip((ck, cv), kv_new))
+    def _grouped(self, q, K):
+        """q [B,T,N,H] -> [B,T,K,G,H], the G query heads of each KV head, times the attention scale."""
         B, T, N, H = q.shape
-        K = k.shape[2]
-        q = q.reshape(B, T, K, N // K, H) * jnp.asarray((cfg.query_scale or cfg.head_dim) ** -0.5, dt)
-        # One score matmul per chunk, each reading its own buffer: a slice or concatenation
-        # of cache buffers would be a copy on XLA:CPU (4x slower than the matmul itself).
-        logits = jnp.concatenate([jnp.einsum("BTKGH,BKCH->BKGTC", q, c[0].astype(dt), preferred_element_type=jnp.float32)
-                                  for c in chunks], axis=-1)  # [B,K,G,T,S]
+        scale = (self.cfg.query_scale or self.cfg.head_dim) ** -0.5
+        return q.reshape(B, T, K, N // K, H) * jnp.asarray(scale, jnp.dtype(self.cfg.dtype))
+
+    def _probs(self, logits, q_pos, k_pos, window):
+        """Scores [B,K,G,T,S] f32 -> attention weights [B,K,G,T,S] in the compute dtype: the
+        soft-cap, then the position mask (see the module docstring). q_pos [B,T], k_pos [B,S]."""
+        cfg = self.cfg
         if cfg.attn_softcap:
             logits = cfg.attn_softcap * jnp.tanh(logits / cfg.attn_softcap)
-        qp, kp = q_pos[:, :, None], jnp.concatenate(k_pos, axis=1)[:, None, :]  # [B,T,1], [B,1,S]
+        qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
         mask = (kp >= 0) & (kp <= qp) & (qp - kp < window)  # [B,T,S]
-        probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG_INF), axis=-1).astype(dt)
-        out, start = 0, 0
-        for _, c in chunks:
-            C = c.shape[2]
-            out = out + jnp.einsum("BKGTC,BKCH->BTKGH", probs[..., start:start + C], c.astype(dt))
-            start += C
-        out = out.reshape(B, T, N, H)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), tuple(chunks)
+        return jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG_INF), axis=-1).astype(jnp.dtype(cfg.dtype))
 
 
 class MLP(nnx.Module):
@@ -250,9 +253,8 @@ class Block(nnx.Module):
             self.post_mlp_norm = RMSNorm(D, cfg, rngs, stack)
         self.sandwich = cfg.sandwich_norm
 
-    def __call__(self, x, sin, cos, q_pos, window, cache_kv, k_pos, index):
-        h, cache_kv = self.attn(self.attn_norm(x), sin, cos, q_pos, window, cache_kv, k_pos, index)
-        return self._residual(x, h), cache_kv
+    def __call__(self, x, sin, cos, q_pos, window, k_pos):
+        return self._residual(x, self.attn(self.attn_norm(x), sin, cos, q_pos, window, k_pos))
 
     def decode(self, x, sin, cos, q_pos, window, chunks, k_pos, write, offset):
         h, chunks = self.attn.decode(self.attn_norm(x), sin, cos, q_pos, window, chunks, k_pos, write, offset)
@@ -315,15 +317,15 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(_dense_init(D)(rngs.params(), (D, V), pd), axes=("embed", "vocab"))
         self.cfg = cfg
 
-    def __call__(self, tokens, positions, valid=None, cache=None):
-        """Logits [B,T,V] (float32) for tokens [B,T] at positions [B,T].
+    def __call__(self, tokens, positions, valid=None):
+        """Logits [B,T,V] (float32) for tokens [B,T] at positions [B,T], and None.
 
         valid [B,T] bool marks real tokens (default all); padding is never attended to.
-        With ``cache`` (see ``init_cache``) the T tokens are written at slot ``cache['index']``
-        and attend to everything already cached; the updated cache is returned (else None).
+        The second value is always None (no cache on this path; ``decode`` has one): the
+        callers in learner.py and the tests still unpack a pair.
         """
-        x, cache = self.hidden(tokens, positions, valid, cache)
-        return self.unembed(x), cache
+        x, _ = self.hidden(tokens, positions, valid)
+        return self.unembed(x), None
 
     def unembed(self, x):
         """Final hidden states [B,T,D] (from ``hidden``) -> logits [B,T,V] float32."""
@@ -335,25 +337,15 @@ class Transformer(nnx.Module):
             logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
-    def hidden(self, tokens, positions, valid=None, cache=None):
+    def hidden(self, tokens, positions, valid=None):
         """Like ``__call__`` but stops before the vocabulary projection: returns the final
-        normed hidden states [B,T,D] (compute dtype) and the cache. Losses over large
+        normed hidden states [B,T,D] (compute dtype) and None. Losses over large
         vocabularies project chunk by chunk from here instead of materialising [B,T,V]."""
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        cfg = self.cfg
         if valid is None:
             valid = jnp.ones(tokens.shape, bool)
-        new_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B,T,D]
-        if cfg.embed_scale:
-            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
-        x = sharding.constrain(x, ("batch", "length", "act_embed"))
-
-        if cache is None:
-            k_pos, index, cache_k, cache_v = new_pos, 0, None, None
-        else:
-            index = cache["index"]
-            k_pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, index))
-            cache_k, cache_v = cache["k"], cache["v"]
+        k_pos = jnp.where(valid, positions, -1).astype(jnp.int32)  # [B,T]
+        x = self._embed(tokens)
         local = jnp.asarray(cfg.layer_is_local())
         windows = jnp.where(local, cfg.sliding_window, GLOBAL_WINDOW)
         sc_global = _sin_cos(positions, rope_inv_freq(cfg, local=False))
@@ -362,32 +354,29 @@ class Transformer(nnx.Module):
         graphdef, layer_state = nnx.split(self.blocks)
 
         def layer(x, xs):
-            state, is_local, window, ck, cv = xs
+            state, is_local, window = xs
             sin = jnp.where(is_local, sc_local[0], sc_global[0])
             cos = jnp.where(is_local, sc_local[1], sc_global[1])
-            kv = None if ck is None else (ck, cv)
-            x, kv = nnx.merge(graphdef, state)(x, sin, cos, positions, window, kv, k_pos, index)
-            return x, (None, None) if kv is None else kv
+            return nnx.merge(graphdef, state)(x, sin, cos, positions, window, k_pos), None
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
-        xs = (layer_state, local, windows, cache_k, cache_v)
+        xs = (layer_state, local, windows)
         if cfg.scan_layers:
-            x, (new_k, new_v) = jax.lax.scan(layer, x, xs)
+            x, _ = jax.lax.scan(layer, x, xs)
         else:
-            outs = []
             for i in range(cfg.num_layers):
-                x, kv = layer(x, jax.tree.map(lambda a: a[i], xs))
-                outs.append(kv)
-            new_k = None if cache is None else jnp.stack([o[0] for o in outs])
-            new_v = None if cache is None else jnp.stack([o[1] for o in outs])
+                x, _ = layer(x, jax.tree.map(lambda a: a[i], xs))
+        return self.final_norm(x), None
 
-        x = self.final_norm(x)
-        if cache is None:
-            return x, None
-        T = tokens.shape[1]
-        return x, {"k": new_k, "v": new_v, "pos": k_pos, "index": index + T}
+    def _embed(self, tokens):
+        """tokens [B,T] -> embeddings [B,T,D] in the compute dtype."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B,T,D]
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
 
     def decode(self, tokens, positions, valid, cache, layers, write, offset):
         """``hidden`` against a chunked KV cache, layers unrolled; the sampler's fast path.
@@ -398,15 +387,13 @@ class Transformer(nnx.Module):
         chunk ``write`` (a static index) at slot ``offset`` and attend to every chunk given.
         ``layers`` is ``split_layers(cfg, params)``. Returns (hidden [B,T,D], cache).
 
-        Why not ``hidden``: on XLA:CPU both scanning the layers (the cache as scan xs/ys) and
-        slicing a stacked cache or stacked weights copy them at every step, and a [B,S,K,H]
-        cache is transposed before each attention matmul; here nothing is copied.
+        Why a path of its own, not a cache inside ``hidden``: on XLA:CPU both scanning the
+        layers (the cache as scan xs/ys) and slicing a stacked cache or stacked weights copy
+        them at every step, and a [B,S,K,H] cache is transposed before each attention matmul;
+        here nothing is copied.
         """
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B,T,D]
-        if cfg.embed_scale:
-            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
-        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        cfg = self.cfg
+        x = self._embed(tokens)
         k_pos = list(cache["pos"])
         new_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
         k_pos[write] = jax.lax.dynamic_update_slice(k_pos[write], new_pos, (0, offset))
@@ -468,35 +455,18 @@ def bind(cfg: ModelConfig, params: dict) -> Transformer:
     return nnx.merge(graphdef, state)
 
 
-def forward(cfg: ModelConfig, params: dict, tokens, positions, valid=None, cache=None):
-    """Functional call: see ``Transformer.__call__``."""
-    return bind(cfg, params)(tokens, positions, valid, cache)
+def forward(cfg: ModelConfig, params: dict, tokens, positions, valid=None):
+    """Functional call: see ``Transformer.__call__``; returns (logits [B,T,V], None)."""
+    return bind(cfg, params)(tokens, positions, valid)
 
 
 def split_layers(cfg: ModelConfig, params: dict) -> tuple:
-    """One parameter state per layer, for ``decode``. Slice once, outside a decode loop:
+    """One parameter state per layer, for ``Transformer.decode``. Slice once, outside a decode loop:
     this holds a second copy of the layer weights while it lives."""
     state = nnx.state(bind(cfg, params).blocks)
     return tuple(jax.tree.map(lambda a: a[i], state) for i in range(cfg.num_layers))
 
 
-def decode(cfg: ModelConfig, params: dict, layers: tuple, tokens, positions, valid, cache, write: int, offset):
-    """Functional call: see ``Transformer.decode``; returns (hidden [B,T,D], cache)."""
-    return bind(cfg, params).decode(tokens, positions, valid, cache, layers, write, offset)
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
-    """An empty KV cache: k, v [L,B,S,K,H], pos [B,S] = -1, index 0."""
-    dt = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-            "pos": jnp.full((batch, length), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
-
-
 # One chunk of a chunked cache (``Transformer.decode``): k or v [B,K,C,H]; its positions [B,C].
 CHUNK_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
 CHUNK_POS_AXES = ("cache_batch", "cache_length")
-
-CACHE_AXES = {"k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"),
-              "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"),
-              "pos": ("cache_batch", "cache_length"), "index": ()}

@@ -1,5 +1,8 @@
 """score_jax.model: cached decoding, scan/remat/dtype equivalences, and a from-scratch reference.
 
+Cached decoding goes through ``Transformer.decode`` (the sampler's path) by way of
+tests/contiguous_cache.py, which keeps the cache as one buffer with a write index.
+
 Every architecture knob the presets use gets a tiny config here (a few layers, d_model 32-64,
 sequences of 12-18 tokens, sliding windows of 4), so each check compiles in about a second.
 Parameters are drawn on the host (``random_params``) rather than by ``init_params``, whose RNG
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import contiguous_cache
 from score_jax import model
 
 # Tiny stand-ins for each preset family: same knobs, toy sizes. Softcaps are small so tanh
@@ -48,6 +52,7 @@ def jit(fn, **kw):
 
 
 _forward = jit(model.forward, static_argnums=0)
+_cached_forward = jit(contiguous_cache.cached_forward, static_argnums=0)
 
 
 def make_cfg(name: str, **overrides) -> model.ModelConfig:
@@ -109,13 +114,13 @@ def test_cached_decoding_matches_full_forward(name):
     for b, n in enumerate(lengths):
         prompt[b, :n] = seqs[b][:n]
     valid = np.arange(width)[None] < lengths[:, None]
-    cache = model.init_cache(cfg, B, width + steps + 3)  # 3 slots stay empty (pos -1)
+    cache = contiguous_cache.init_cache(cfg, B, width + steps + 3)  # 3 slots stay empty (pos -1)
 
-    prefill, cache = _forward(cfg, params, prompt, np.broadcast_to(np.arange(width), (B, width)), valid, cache)
+    prefill, cache = _cached_forward(cfg, params, prompt, np.broadcast_to(np.arange(width), (B, width)), valid, cache)
     decoded = []  # [steps] of [B,V]
     for s in range(steps):
         tok = np.array([[seqs[b][n + s]] for b, n in enumerate(lengths)])
-        out, cache = _forward(cfg, params, tok, lengths[:, None] + s, None, cache)
+        out, cache = _cached_forward(cfg, params, tok, lengths[:, None] + s, None, cache)
         decoded.append(np.asarray(out[:, 0]))
     assert int(cache["index"]) == width + steps
 
@@ -127,13 +132,13 @@ def test_cached_decoding_matches_full_forward(name):
 
 def test_cache_layout():
     cfg = make_cfg("mqa")
-    cache = model.init_cache(cfg, batch=3, length=10)
+    cache = contiguous_cache.init_cache(cfg, batch=3, length=10)
     assert cache["k"].shape == cache["v"].shape == (cfg.num_layers, 3, 10, 1, cfg.head_dim)
     assert cache["pos"].shape == (3, 10) and np.all(np.asarray(cache["pos"]) == -1)
     assert int(cache["index"]) == 0
-    assert set(model.CACHE_AXES) == set(cache)
+    assert set(contiguous_cache.CACHE_AXES) == set(cache)
     for k, v in cache.items():
-        assert len(model.CACHE_AXES[k]) == v.ndim
+        assert len(contiguous_cache.CACHE_AXES[k]) == v.ndim
 
 
 # ----------------------------------------------------------------------------- equivalences
@@ -175,9 +180,9 @@ def test_bf16_compute_with_f32_params_is_close():
     np.testing.assert_allclose(got, want, atol=0.1)
     assert np.abs(np.asarray(got - want)).mean() < 0.02
     # The bf16 cache path runs too (the cache is bf16).
-    cache = model.init_cache(cfg16, 2, 14)
+    cache = contiguous_cache.init_cache(cfg16, 2, 14)
     assert cache["k"].dtype == jnp.bfloat16
-    out, cache = _forward(cfg16, params, _EQ_TOKENS, _EQ_POS, None, cache)
+    out, cache = _cached_forward(cfg16, params, _EQ_TOKENS, _EQ_POS, None, cache)
     np.testing.assert_allclose(out, got, atol=0.1)
     # Gradients come back in the f32 parameter dtype and point the same way as in f32.
     (loss16, g16), (loss, g) = _value_and_grad(cfg16, params, _EQ_TOKENS), _value_and_grad(_EQ_CFG, params, _EQ_TOKENS)

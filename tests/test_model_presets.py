@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
+import contiguous_cache
 from configs import models
 from score_jax import model, sharding
 
@@ -55,10 +56,10 @@ def test_forward_shape_of_a_real_preset_without_allocating():
     assert logits.shape == (1, 16, 256_000) and logits.dtype == jnp.float32
     assert cache is None
 
-    cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, 32))
+    cache = jax.eval_shape(lambda: contiguous_cache.init_cache(cfg, 1, 32))
     assert cache["k"].shape == (26, 1, 32, 4, 256) and cache["k"].dtype == jnp.bfloat16
     step = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    fwd = lambda p, t, q, c: model.forward(cfg, p, t, q, None, c)  # noqa: E731
+    fwd = lambda p, t, q, c: contiguous_cache.cached_forward(cfg, p, t, q, None, c)  # noqa: E731
     logits, new_cache = jax.eval_shape(fwd, model.param_shapes(cfg), step, step, cache)
     assert logits.shape == (1, 1, 256_000)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), new_cache) == jax.tree.map(lambda a: (a.shape, a.dtype), cache)
