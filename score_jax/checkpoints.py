@@ -46,9 +46,6 @@ class Manager:
             cleanup_tmp_directories=True, create=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
 
-    def latest_step(self) -> int | None:
-        return self._mgr.latest_step()
-
     def save(self, step: int, state, extra_fn: Callable[[], dict], *, force: bool = False) -> bool:
         """Saves when ``step`` is on the save interval (or ``force``); returns whether it did.
         ``extra_fn`` is called only when a save happens."""
