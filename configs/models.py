@@ -26,7 +26,8 @@ PRESETS = {
     # 20 minutes on 2 CPU cores, large enough to learn most of the toy arithmetic.
     "toy": dict(vocab_size=256, num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, head_dim=32,
                 mlp_dim=384, scan_layers=False),
-    # The benchmark shape (issue figures are quoted against this).
+    # The benchmark shape (score_jax/bench/; issue figures are quoted against this): a Llama-style
+    # decoder, SwiGLU MLP, untied embeddings, full multi-head attention (8 KV heads).
     "bench": dict(vocab_size=32_000, num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, head_dim=64,
                   mlp_dim=1408, tie_embeddings=False),
     "llama3.2-1b": dict(_LLAMA, **_LLAMA3_ROPE, rope_factor=32.0, vocab_size=128_256, num_layers=16,

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs import models
+from score_jax import model
 from score_jax.bench import common
+from score_jax.bench import hf_reference
 
 
 def test_time_fn_counts_calls_and_returns_repeats():
@@ -55,9 +57,14 @@ def test_torch_available_is_a_bool():
     assert isinstance(common.torch_available(), bool)
 
 
-def test_bench_shape_matches_the_bench_preset():
+def test_bench_preset_is_a_plain_llama_for_the_transformers_comparison():
+    # hf_reference builds LlamaForCausalLM from the shape fields alone, so every other field of
+    # the preset must keep the plain decoder's defaults, or the comparison is not like for like.
     preset = models.get("bench")
-    assert {key: preset[key] for key in common.BENCH_SHAPE} == common.BENCH_SHAPE
+    assert hf_reference.shape_of(model.ModelConfig(**preset.to_dict()))["activation"] == "silu"
+    numerics = ("param_dtype", "dtype", "remat", "scan_layers")  # not part of the architecture
+    others = {k: v for k, v in models.DEFAULTS.items() if k not in hf_reference.SHAPE_FIELDS + numerics}
+    assert {k: preset[k] for k in others} == others
 
 
 def test_hf_reference_imports_without_torch():
@@ -71,7 +78,8 @@ def test_hf_reference_imports_without_torch():
 def test_hf_reference_runs_on_a_tiny_llama():
     from score_jax.bench import hf_reference
 
-    shape = dict(common.BENCH_SHAPE, vocab_size=128, num_layers=1, d_model=32, num_heads=2,
+    bench = model.ModelConfig(**models.get("bench").to_dict())
+    shape = dict(hf_reference.shape_of(bench), vocab_size=128, num_layers=1, d_model=32, num_heads=2,
                  num_kv_heads=1, head_dim=16, mlp_dim=64)
     train = hf_reference.hf_train_tokens_per_s(shape, batch=2, seq_len=8, steps=1, warmup=1)
     generate = hf_reference.hf_generate_tokens_per_s(shape, batch=2, prompt_len=4,

@@ -1,4 +1,6 @@
-"""What every benchmark shares: the benchmark model shape, timing, hardware ceilings, JSON out.
+"""What every benchmark shares: timing, hardware ceilings, JSON out.
+
+The benchmark model shape is the `bench` preset of configs/models.py.
 
 Benchmarks print exactly one JSON object on stdout (`print_json`); progress goes to stderr.
 `matmul_peak_flops` and `stream_bandwidth_bytes` measure what this process can reach on the
@@ -14,24 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-
-# The `bench` preset of configs/models.py (issue figures are quoted against it): a Llama-style
-# decoder, SwiGLU MLP, untied embeddings, full multi-head attention (8 KV heads).
-# tests/test_bench_common.py checks that the two stay equal.
-BENCH_SHAPE = dict(
-    vocab_size=32_000,
-    num_layers=8,
-    d_model=512,
-    num_heads=8,
-    num_kv_heads=8,
-    head_dim=64,
-    mlp_dim=1408,
-    tie_embeddings=False,
-    activation="silu",
-    norm_eps=1e-6,
-    rope_theta=10_000.0,
-)
-
 
 def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> list:
     """Calls `fn()` `warmup` times untimed, then `repeats` times timed.

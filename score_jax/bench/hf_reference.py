@@ -1,6 +1,6 @@
 """The comparison side of the benchmarks: Hugging Face transformers' Llama in PyTorch on CPU.
 
-Same shape as our model (a `BENCH_SHAPE`-style dict), float32, randomly initialised, all CPU
+Same shape as our model (`shape_of` a ModelConfig), float32, randomly initialised, all CPU
 threads. torch and transformers are benchmark-only dependencies, imported inside the
 functions so that importing this module costs nothing and needs neither.
 """
@@ -9,6 +9,15 @@ import time
 
 # LlamaConfig is Llama-style throughout; a shape that differs elsewhere is not comparable.
 _SUPPORTED = dict(activation="silu")
+
+# The ModelConfig fields (configs/models.py names) that `build_model` reads.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                "tie_embeddings", "activation", "norm_eps", "rope_theta")
+
+
+def shape_of(cfg) -> dict:
+    """The shape dict of a score_jax.model.ModelConfig: its `SHAPE_FIELDS`."""
+    return {k: getattr(cfg, k) for k in SHAPE_FIELDS}
 
 
 def build_model(shape: dict, max_positions: int, seed: int = 0):

@@ -147,7 +147,7 @@ def main(argv=None):
         out[f"matmul_peak_fraction_b{b}"] = work["flops"] / r["seconds"] / peak
     if not args.no_reference and common.torch_available():
         from score_jax.bench import hf_reference
-        shape = {k: getattr(cfg, k) for k in common.BENCH_SHAPE}
+        shape = hf_reference.shape_of(cfg)
         for b in batches:
             common.progress(f"timing transformers' generate at batch {b}")
             hf = hf_reference.hf_generate_tokens_per_s(shape, b, args.prompt_len, args.new_tokens,

@@ -87,8 +87,7 @@ def main(argv=None):
     if not args.no_reference and common.torch_available():
         from score_jax.bench import hf_reference
         common.progress("timing transformers' LlamaForCausalLM train step")
-        shape = {k: getattr(cfg, k) for k in common.BENCH_SHAPE}
-        hf = hf_reference.hf_train_tokens_per_s(shape, args.batch, args.seq_len, steps=args.steps)
+        hf = hf_reference.hf_train_tokens_per_s(hf_reference.shape_of(cfg), args.batch, args.seq_len, steps=args.steps)
         out.update(transformers_tokens_per_s=hf, ratio=ours / hf)
     else:
         out.update(transformers_tokens_per_s=None, ratio=None)
