@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from score_jax import losses
 from score_jax import tokenizer as tokenizer_lib
 
 
@@ -58,4 +57,27 @@ def score_turns(reward_fn: Callable[[list[str], list[str]], list[float]], texts:
 
 def edit_ratios(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
     """[R] float32: 1 - Levenshtein(a_i, b_i) / max(len): 1 = y2 copies y1."""
-    return np.asarray([losses.edit_distance_ratio(x, y) for x, y in zip(a, b)], np.float32)
+    return np.asarray([edit_distance_ratio(x, y) for x, y in zip(a, b)], np.float32)
+
+
+def edit_distance_ratio(a: str, b: str) -> float:
+    """1 - Levenshtein(a, b) / max(len(a), len(b)), in [0, 1]; 1.0 for two empty strings.
+
+    Runs on the host (numpy, not jit): the evaluation's "how much does y2 change y1" metric.
+    Unit-cost insert/delete/substitute over Unicode code points. O(len(a) * len(b)) work, in
+    len(a) numpy steps over rows of length len(b) + 1.
+    """
+    if not a and not b:
+        return 1.0
+    x = np.frombuffer(a.encode("utf-32-le"), dtype=np.uint32)
+    y = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
+    j = np.arange(len(y) + 1)
+    row = j.copy()  # distances from a[:0] to b[:j]
+    for i, c in enumerate(x, start=1):
+        sub = row[:-1] + (y != c)  # substitute (or match)
+        new = np.empty_like(row)
+        new[0] = i
+        new[1:] = np.minimum(row[1:] + 1, sub)  # delete a[i-1], or substitute
+        # Insertions chain left to right: new[j] = min_{j' <= j} new[j'] + (j - j').
+        row = np.minimum.accumulate(new - j) + j
+    return 1.0 - float(row[-1]) / max(len(x), len(y))

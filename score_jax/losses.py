@@ -23,11 +23,16 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
     return masked_mean_nll(token_logprobs(logits[:, :-1], tokens[:, 1:]), loss_mask[:, 1:])
 
 
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over the entries where mask (same shape) is nonzero: a scalar, 0 for an empty
+    mask. Masked-out entries are replaced by 0 (not multiplied), so they may hold inf or nan."""
+    keep = mask.astype(bool)
+    return jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
 def masked_mean_nll(logp: jax.Array, mask: jax.Array):
-    """(-mean of logp over mask == 1, number of such tokens). logp, mask [B,T]."""
-    w = mask.astype(jnp.float32)
-    n = jnp.sum(w)
-    return -jnp.sum(logp * w) / jnp.maximum(n, 1.0), n
+    """(-mean of logp over mask == 1, number of such tokens f32). logp, mask [B,T]."""
+    return -masked_mean(logp, mask), jnp.sum(mask.astype(jnp.float32))
 
 
 def _chunked(per_chunk, unembed, hidden: jax.Array, targets: jax.Array, chunk: int):
@@ -60,12 +65,15 @@ def chunked_token_logprobs(unembed, hidden: jax.Array, targets: jax.Array, chunk
     return _chunked(token_logprobs, unembed, hidden, targets, chunk)
 
 
+def _entropy(logp: jax.Array) -> jax.Array:
+    """Entropy (nats) [...] of the distributions with log-probs logp [..., V]."""
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)  # -inf logits (soft-capped or masked) add 0
+
+
 def _logprobs_entropy(logits: jax.Array, targets: jax.Array):
     logp = token_logprobs(logits, targets)
-    lsm = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
-    p = jnp.exp(lsm)
-    ent = -jnp.sum(jnp.where(p > 0, p * lsm, 0.0), axis=-1)  # -inf logits (soft-capped or masked) add 0
-    return logp, ent
+    return logp, _entropy(jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1))
 
 
 def chunked_logprobs_and_entropy(unembed, hidden: jax.Array, targets: jax.Array, chunk: int):
@@ -186,7 +194,7 @@ def _sequence_mean(x, w):
 #     normaliser, so the per-sequence gradient is not biased by its length.
 REDUCTIONS = {
     "sequence": _sequence_mean,
-    "token": lambda x, w: jnp.sum(x) / jnp.maximum(jnp.sum(w), 1.0),
+    "token": masked_mean,
     "constant": lambda x, w: jnp.sum(x) / (x.shape[0] * x.shape[1]),
 }
 
@@ -202,10 +210,6 @@ def reduce_tokens(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
         raise ValueError(f"x and mask must both have shape [B,T] (got {x.shape} and {mask.shape}).")
     keep = mask.astype(bool)
     return REDUCTIONS[how](jnp.where(keep, x, 0.0), keep.astype(jnp.float32))
-
-
-def _masked_token_mean(x, keep):
-    return jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
 def score_loss(*, logp1, ref_logp1, mask1, logp2, ref_logp2, mask2, r1, r2, stage, alpha, beta1,
@@ -289,8 +293,8 @@ def score_loss(*, logp1, ref_logp1, mask1, logp2, ref_logp2, mask2, r1, r2, stag
         "shaped_reward2": jnp.mean(r2_hat),
         "adv1_mean": jnp.mean(a1), "adv1_std": jnp.std(a1),
         "adv2_mean": jnp.mean(a2), "adv2_std": jnp.std(a2),
-        "kl1": sg(_masked_token_mean(kl_tok1, keep1)),
-        "kl2": sg(_masked_token_mean(kl_tok2, keep2)),
+        "kl1": sg(masked_mean(kl_tok1, keep1)),
+        "kl2": sg(masked_mean(kl_tok2, keep2)),
         "pg1": sg(pg1), "pg2": sg(pg2),
         "kl_loss1": sg(kl_loss1), "kl_loss2": sg(kl_loss2),
         "loss": sg(loss),
@@ -305,29 +309,5 @@ def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
     fine (they contribute 0).
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B,T,V]
-    p = jnp.exp(logp)
-    ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)  # [B,T]
-    return _masked_token_mean(ent, mask.astype(bool))
+    return masked_mean(_entropy(logp), mask)  # [B,T] -> scalar
 
-
-def edit_distance_ratio(a: str, b: str) -> float:
-    """1 - Levenshtein(a, b) / max(len(a), len(b)), in [0, 1]; 1.0 for two empty strings.
-
-    Runs on the host (numpy, not jit): the evaluation's "how much does y2 change y1" metric.
-    Unit-cost insert/delete/substitute over Unicode code points. O(len(a) * len(b)) work, in
-    len(a) numpy steps over rows of length len(b) + 1.
-    """
-    if not a and not b:
-        return 1.0
-    x = np.frombuffer(a.encode("utf-32-le"), dtype=np.uint32)
-    y = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
-    j = np.arange(len(y) + 1)
-    row = j.copy()  # distances from a[:0] to b[:j]
-    for i, c in enumerate(x, start=1):
-        sub = row[:-1] + (y != c)  # substitute (or match)
-        new = np.empty_like(row)
-        new[0] = i
-        new[1:] = np.minimum(row[1:] + 1, sub)  # delete a[i-1], or substitute
-        # Insertions chain left to right: new[j] = min_{j' <= j} new[j'] + (j - j').
-        row = np.minimum.accumulate(new - j) + j
-    return 1.0 - float(row[-1]) / max(len(x), len(y))

@@ -2,6 +2,8 @@
 devices, conftest.py), turn texts cut at their lengths and stop ids, one batched reward call
 for all turns with its two refusals, and edit ratios on hand-made strings."""
 
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,27 @@ def test_edit_ratios_are_symmetric():
 def test_edit_ratios_empty_batch():
     got = episodes.edit_ratios([], [])
     assert got.dtype == np.float32 and got.shape == (0,)
+
+
+def _levenshtein(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_edit_distance_ratio_by_hand_and_against_plain_dp():
+    assert episodes.edit_distance_ratio("", "") == 1.0
+    assert episodes.edit_distance_ratio("abc", "") == 0.0
+    assert episodes.edit_distance_ratio("abc", "abc") == 1.0
+    assert episodes.edit_distance_ratio("kitten", "sitting") == pytest.approx(1 - 3 / 7)  # 3 edits
+    assert episodes.edit_distance_ratio("flaw", "lawn") == pytest.approx(0.5)  # 2 edits / 4
+    assert episodes.edit_distance_ratio("x = π", "x = 3.14") == pytest.approx(1 - 4 / 8)
+    rng = random.Random(0)
+    for _ in range(200):
+        a = "".join(rng.choice("abcé") for _ in range(rng.randrange(12)))
+        b = "".join(rng.choice("abcé") for _ in range(rng.randrange(12)))
+        want = 1.0 if not (a or b) else 1 - _levenshtein(a, b) / max(len(a), len(b))
+        assert episodes.edit_distance_ratio(a, b) == pytest.approx(want), (a, b)

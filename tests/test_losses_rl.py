@@ -1,7 +1,6 @@
 """SCoRe RL losses: every expected number below is worked out by hand in the comments."""
 import functools
 import math
-import random
 
 import jax
 import jax.numpy as jnp
@@ -319,26 +318,3 @@ def test_entropy_from_logits_by_hand():
     np.testing.assert_allclose(losses.entropy_from_logits(logits, jnp.array([[0, 0, 1]])),
                                1.5 * math.log(2), rtol=1e-5)
 
-
-def _levenshtein(a, b):
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def test_edit_distance_ratio_by_hand_and_against_plain_dp():
-    assert losses.edit_distance_ratio("", "") == 1.0
-    assert losses.edit_distance_ratio("abc", "") == 0.0
-    assert losses.edit_distance_ratio("abc", "abc") == 1.0
-    assert losses.edit_distance_ratio("kitten", "sitting") == pytest.approx(1 - 3 / 7)  # 3 edits
-    assert losses.edit_distance_ratio("flaw", "lawn") == pytest.approx(0.5)  # 2 edits / 4
-    assert losses.edit_distance_ratio("x = π", "x = 3.14") == pytest.approx(1 - 4 / 8)
-    rng = random.Random(0)
-    for _ in range(200):
-        a = "".join(rng.choice("abcé") for _ in range(rng.randrange(12)))
-        b = "".join(rng.choice("abcé") for _ in range(rng.randrange(12)))
-        want = 1.0 if not (a or b) else 1 - _levenshtein(a, b) / max(len(a), len(b))
-        assert losses.edit_distance_ratio(a, b) == pytest.approx(want), (a, b)
