@@ -73,7 +73,7 @@ def _apply_update(tx, state: State, grads) -> tuple[State, dict]:
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def sft_loss(cfg: model.ModelConfig, params: dict, batch: dict, loss_chunk: int = 0):
+def sft_loss(cfg: model.ModelConfig, params: dict, batch: dict, loss_chunk: int):
     """Next-token loss on response tokens. batch: tokens, loss_mask, valid, all [B,T] int32.
     ``loss_chunk`` > 0 projects onto the vocabulary that many positions at a time."""
     tokens = batch["tokens"]
@@ -85,7 +85,7 @@ def sft_loss(cfg: model.ModelConfig, params: dict, batch: dict, loss_chunk: int 
 
 
 def make_sft_step(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                  batch_shapes: dict, loss_chunk: int = 0) -> Callable[[State, dict], tuple[State, dict]]:
+                  batch_shapes: dict, loss_chunk: int) -> Callable[[State, dict], tuple[State, dict]]:
     """The jit SFT step: (state, batch) -> (state, metrics). The input state is donated."""
 
     def step(state, batch):
@@ -98,13 +98,7 @@ def make_sft_step(cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh
     s_shard = state_shardings(cfg, tx, mesh)
     jitted = jax.jit(step, in_shardings=(s_shard, batch_shardings(mesh, batch_shapes)),
                      out_shardings=(s_shard, sharding.replicated(mesh)), donate_argnums=0)
-
-    def run(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
-
-    return run
-
+    return sharding.on_mesh(mesh, jitted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +113,7 @@ RL_BATCH_KEYS = ("tokens", "valid", "start1", "start2", "mask1", "mask2", "logp1
                  "logp2_sampler", "truncated1", "truncated2", "r1", "r2", "edit_ratio")
 
 
-def episode_logprobs(cfg: model.ModelConfig, params: dict, tokens, valid, loss_chunk: int = 0):
+def episode_logprobs(cfg: model.ModelConfig, params: dict, tokens, valid, loss_chunk: int):
     """(log pi(tokens[:, j+1] | tokens[:, :j+1]), entropy at j), both [R, T-1] f32, from one
     forward over the packed episodes (positions 0..T-1, padding masked by ``valid``)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -139,7 +133,7 @@ REF_KEYS = ("tokens", "valid", "start1", "start2")  # what the reference forward
 
 
 def make_reference_logprobs(cfg: model.ModelConfig, mesh: Mesh, batch_shapes: dict, max_new_tokens: int,
-                            loss_chunk: int = 0) -> Callable:
+                            loss_chunk: int) -> Callable:
     """jit (ref_params, batch) -> (ref_logp1, ref_logp2) [R,N]: the frozen reference's log-probs
     of both turns (reads only REF_KEYS of the batch, so it can run before the rewards exist).
     No gradient, nothing donated (the reference is reused every step)."""
@@ -152,17 +146,17 @@ def make_reference_logprobs(cfg: model.ModelConfig, mesh: Mesh, batch_shapes: di
 
     b_shard = batch_shardings(mesh, {k: batch_shapes[k] for k in REF_KEYS})
     out = sharding.batch_sharding(mesh, 2)
-    jitted = jax.jit(fn, in_shardings=(model.param_shardings(cfg, mesh), b_shard), out_shardings=(out, out))
+    jitted = sharding.on_mesh(mesh, jax.jit(fn, in_shardings=(model.param_shardings(cfg, mesh), b_shard),
+                                            out_shardings=(out, out)))
 
     def run(ref_params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(ref_params, {k: batch[k] for k in REF_KEYS})
+        return jitted(ref_params, {k: batch[k] for k in REF_KEYS})
 
     return run
 
 
 def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, ref_logp2, *, stage: int,
-            loss_chunk: int = 0):
+            loss_chunk: int):
     """The SCoRe loss of ``stage`` (1 or 2) on a packed RL batch; returns (loss, metrics).
 
     ``rl`` is a settings.RLConfig. The policy's log-probs of both turns come from one forward
@@ -179,16 +173,12 @@ def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, re
         kl_in_reward=rl.kl_in_reward, normalize=rl.normalize)
     sg = jax.lax.stop_gradient
     r1, r2 = batch["r1"], batch["r2"]
-
-    def tmean(x, mask):
-        return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
     m.update(
         delta=jnp.mean(r2 - r1),  # Delta(t1, t2) on the training batch
         delta_i_to_c=jnp.mean(((r1 == 0) & (r2 == 1)).astype(jnp.float32)),
         delta_c_to_i=jnp.mean(((r1 == 1) & (r2 == 0)).astype(jnp.float32)),
-        entropy1=tmean(turn_values(ent, batch["start1"], N), mask1),
-        entropy2=tmean(turn_values(ent, batch["start2"], N), mask2),
+        entropy1=losses.masked_mean(turn_values(ent, batch["start1"], N), mask1),
+        entropy2=losses.masked_mean(turn_values(ent, batch["start2"], N), mask2),
         len1=jnp.mean(jnp.sum(mask1, axis=1).astype(jnp.float32)),
         len2=jnp.mean(jnp.sum(mask2, axis=1).astype(jnp.float32)),
         truncated1=jnp.mean(batch["truncated1"].astype(jnp.float32)),
@@ -196,15 +186,15 @@ def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, re
         edit_ratio=jnp.mean(batch["edit_ratio"]),
         # The learner's and the sampler's log-probs of the same tokens: equal up to float
         # rounding when both see the same weights (a check that they score the same episode).
-        logp_gap=jnp.maximum(tmean(jnp.abs(sg(logp1) - batch["logp1_sampler"]), mask1),
-                             tmean(jnp.abs(sg(logp2) - batch["logp2_sampler"]), mask2)),
+        logp_gap=jnp.maximum(losses.masked_mean(jnp.abs(sg(logp1) - batch["logp1_sampler"]), mask1),
+                             losses.masked_mean(jnp.abs(sg(logp2) - batch["logp2_sampler"]), mask2)),
         stage=jnp.asarray(stage, jnp.float32),
     )
     return loss, m
 
 
 def make_rl_step(cfg: model.ModelConfig, rl, tx: optax.GradientTransformation, mesh: Mesh,
-                 batch_shapes: dict, stage: int, loss_chunk: int = 0) -> Callable:
+                 batch_shapes: dict, stage: int, loss_chunk: int) -> Callable:
     """The jit SCoRe step of ``stage``: (state, batch, ref_logp1, ref_logp2) -> (state, metrics).
     The state is donated; the reference log-probs come from ``make_reference_logprobs``."""
 
@@ -220,12 +210,7 @@ def make_rl_step(cfg: model.ModelConfig, rl, tx: optax.GradientTransformation, m
     lp = sharding.batch_sharding(mesh, 2)
     jitted = jax.jit(step, in_shardings=(s_shard, b_shard, lp, lp),
                      out_shardings=(s_shard, sharding.replicated(mesh)), donate_argnums=0)
-
-    def run(state, batch, ref_logp1, ref_logp2):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch, ref_logp1, ref_logp2)
-
-    return run
+    return sharding.on_mesh(mesh, jitted)
 
 
 def rl_batch_shapes(rows: int, episode_len: int, max_new_tokens: int) -> dict:

@@ -22,8 +22,9 @@ is a stop token the model's answer already ends with it, so the instruction is
 
 Positions: row r's episode is contiguous in positions: its prompt at [0, len), turn 0 at
 [len, len + n0), the instruction after it, turn 1 right after, and so on; ``start`` in each
-turn's results is the position of that turn's first token. ``pack_episodes`` lays the
-episodes out as [R, T] token arrays in exactly these positions, for the learner to re-score.
+turn's results is the position of that turn's first token. ``pack_episodes`` (jit:
+``Sampler.pack``) lays the episodes out as [R, T] token arrays in exactly these positions, with
+the learner's batch keys, for the learner to re-score.
 
 Cache layout: a chunked cache (``model.Transformer.decode``) with static slots: the prompt
 chunk (``max_prompt_len`` slots), each turn's ``max_new_tokens`` slots split into chunks of
@@ -38,13 +39,14 @@ buffers the Sampler owns, donated to each call and updated in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from score_jax import model, sharding
+from score_jax import losses, model, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +55,16 @@ class SamplerConfig:
 
     max_prompt_len: int  # P: prompts are right-padded to this
     max_new_tokens: int  # N: per turn
+    temperature: float  # 0 = greedy
+    chunk_len: int  # cache slots per decode chunk (see the module docstring); 0 = one chunk per turn
     instruction_len: int = 0  # I: length of the (rendered) instruction between turns
     num_turns: int = 2  # attempts; each after the same instruction
-    temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     samples_per_prompt: int = 1  # k: rows per prompt (leave-one-out baselines)
     stop_token_ids: tuple[int, ...] = ()  # a row's turn ends after emitting one of these
     pad_id: int = 0  # written after a row's last token
     cache_dtype: str = ""  # "" = the model's compute dtype
-    chunk_len: int = 64  # cache slots per decode chunk (see the module docstring); 0 = one chunk per turn
 
     def __post_init__(self):
         for name in ("max_prompt_len", "max_new_tokens", "num_turns", "samples_per_prompt"):
@@ -173,12 +175,6 @@ def _categorical(key: jax.Array, x: jax.Array) -> jax.Array:
     return (b * C + i).astype(jnp.int32)
 
 
-def _token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log softmax(logits)[tokens]: [R,V], [R] -> [R]."""
-    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
 # ----------------------------------------------------------------------------- the program
 
 
@@ -226,7 +222,10 @@ class Sampler:
                         self.cache_shardings)
         self.jitted = jax.jit(self._program, in_shardings=in_shardings, out_shardings=(out, self.cache_shardings),
                               donate_argnums=5, compiler_options=compiler_options)
+        self._run = sharding.on_mesh(mesh, self.jitted)
         self._cache = None
+        packed = {k: sharding.batch_sharding(mesh, ndim) for k, ndim in _episode_ndims(cfg).items()}
+        self._pack = sharding.on_mesh(mesh, jax.jit(functools.partial(pack_episodes, cfg), out_shardings=packed))
 
     # -- public
 
@@ -251,9 +250,14 @@ class Sampler:
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)
         cache, self._cache = (self._cache if self._cache is not None else self.init_cache()), None
-        with jax.set_mesh(self.mesh):
-            out, self._cache = self.jitted(params, prompts, prompt_lens, instruction, key, cache)
+        out, self._cache = self._run(params, prompts, prompt_lens, instruction, key, cache)
         return out
+
+    def pack(self, out: dict, prompts, instruction) -> dict:
+        """``pack_episodes`` of this sampler's output ``out`` (and the prompts [B,P] and
+        instruction [I] it was called with), jit on the sampler's mesh: the episode arrays of a
+        learner batch, each split over the batch axes along its rows."""
+        return self._pack(out, prompts, instruction)
 
     def init_cache(self) -> dict:
         """Zeroed, sharded buffers of every chunk after the prompt's (the donated state)."""
@@ -370,7 +374,7 @@ class Sampler:
             st, cache = carry
             s, logits, active = st["s"], st["logits"], st["active"]
             tok = sample_tokens(cfg, logits, jax.random.fold_in(turn_key, s))
-            lp = _token_logprobs(logits, tok)
+            lp = losses.token_logprobs(logits, tok)  # [R]
             tok = jnp.where(active, tok, cfg.pad_id)
             stop = active & jnp.any(tok[:, None] == stop_ids[None], axis=-1)
             h, cache = net.decode(tok[:, None], st["pos"][:, None], active[:, None], cache, layers, w, s - first)
@@ -390,22 +394,31 @@ class Sampler:
 # ----------------------------------------------------------------------------- episodes
 
 
+def _episode_ndims(cfg: SamplerConfig) -> dict[str, int]:
+    """The keys of ``pack_episodes``' result and their ranks."""
+    ndims = {"tokens": 2, "valid": 2}
+    for t in range(1, cfg.num_turns + 1):
+        ndims.update({f"start{t}": 1, f"mask{t}": 2, f"logp{t}_sampler": 2, f"truncated{t}": 1})
+    return ndims
+
+
 def pack_episodes(cfg: SamplerConfig, out: dict, prompts, instruction) -> dict:
     """The sampled episodes as [R, T] arrays, token j at position j (T = ``cfg.episode_len()``):
-    prompt, turn 0, instruction, turn 1, ... each row contiguous, then padding.
+    prompt, turn 1, instruction, turn 2, ... each row contiguous, then padding; with each
+    turn's fields under the learner's batch keys (``learner.RL_BATCH_KEYS`` for two turns).
 
     prompts [B, P] are the sampler's inputs (replicated to R rows here). Returns
-    "tokens" [R,T] int32 (pad_id in padding), "valid" [R,T] bool and "turn" [R,T] int32:
-    t + 1 on the tokens of turn t, 0 on prompt, instruction and padding. A full forward over
-    "tokens" at positions 0..T-1 with "valid" reproduces the sampler's logits, so the learner
-    reads turn t's log-probs at the targets where turn == t + 1.
+    "tokens" [R,T] int32 (pad_id in padding), "valid" [R,T] bool and, for turn t = 1 ..
+    num_turns, "start{t}" [R] (position of the turn's first token), "mask{t}" [R,N] (its
+    tokens), "logp{t}_sampler" [R,N] (the sampler's log-probs) and "truncated{t}" [R]. A full
+    forward over "tokens" at positions 0..T-1 with "valid" reproduces the sampler's logits, so
+    the learner reads token i of turn t at position start{t} + i.
     """
     R = out["prompt_lens"].shape[0]
     prompts = jnp.repeat(jnp.asarray(prompts, jnp.int32), R // prompts.shape[0], axis=0)
     P, N, I, T = cfg.max_prompt_len, cfg.max_new_tokens, cfg.instruction_len, cfg.episode_len()
     rows = jnp.arange(R)[:, None]
     tokens = jnp.full((R, T), cfg.pad_id, jnp.int32)
-    turn_of = jnp.zeros((R, T), jnp.int32)
 
     def put(arr, idx, keep, vals):
         return arr.at[rows, jnp.where(keep, idx, T)].set(vals, mode="drop")
@@ -414,13 +427,15 @@ def pack_episodes(cfg: SamplerConfig, out: dict, prompts, instruction) -> dict:
     idx = jnp.broadcast_to(jnp.arange(P), (R, P))
     tokens = put(tokens, idx, idx < lens, prompts)
     end = out["prompt_lens"]
+    packed = {}
     for t, turn in enumerate(out["turns"]):
         idx = turn["start"][:, None] + jnp.arange(N)
         tokens = put(tokens, idx, turn["mask"], turn["tokens"])
-        turn_of = put(turn_of, idx, turn["mask"], t + 1)
         end = turn["start"] + turn["lengths"]
         if t < len(out["turns"]) - 1:
             idx = end[:, None] + jnp.arange(I)
             tokens = put(tokens, idx, jnp.ones((R, I), bool), jnp.broadcast_to(jnp.asarray(instruction, jnp.int32), (R, I)))
+        packed.update({f"start{t + 1}": turn["start"], f"mask{t + 1}": turn["mask"],
+                       f"logp{t + 1}_sampler": turn["logprobs"], f"truncated{t + 1}": turn["truncated"]})
     valid = jnp.arange(T)[None] < end[:, None]
-    return {"tokens": tokens, "valid": valid, "turn": turn_of}
+    return {"tokens": tokens, "valid": valid, **packed}

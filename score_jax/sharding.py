@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -146,6 +146,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading axis over (data, fsdp), the rest replicated."""
     return named(mesh, ("batch",) + (None,) * (ndim - 1))
+
+
+def on_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """``fn`` as a callable that calls it inside ``jax.set_mesh(mesh)``, so that ``constrain``
+    (and jit's abstract mesh) see ``mesh``: how a jit step is run."""
+
+    def run(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

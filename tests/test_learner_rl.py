@@ -59,12 +59,8 @@ def episodes(params, batch=4, k=4, seed=0):
     lens = rng.integers(2, P + 1, batch).astype(np.int32)
     instruction = np.asarray([1, 2, 3], np.int32)
     out = smp(params, prompts, lens, instruction, jax.random.key(seed))
-    packed = jax.device_get(sampler.pack_episodes(scfg, out, prompts, instruction))
+    ep = jax.device_get(smp.pack(out, prompts, instruction))
     out = jax.device_get(out)
-    ep = {"tokens": packed["tokens"], "valid": packed["valid"]}
-    for t, turn in enumerate(out["turns"], start=1):
-        ep.update({f"start{t}": turn["start"], f"mask{t}": turn["mask"], f"logp{t}_sampler": turn["logprobs"],
-                   f"truncated{t}": turn["truncated"]})
     R = batch * k
     ep.update(r1=np.zeros(R, np.float32), r2=np.zeros(R, np.float32), edit_ratio=np.zeros(R, np.float32))
     return scfg, ep, out
@@ -72,8 +68,8 @@ def episodes(params, batch=4, k=4, seed=0):
 
 def steps_for(mesh, rl, tx, scfg, rows, stage):
     shapes = learner.rl_batch_shapes(rows, scfg.episode_len(), N)
-    ref = learner.make_reference_logprobs(CFG, mesh, shapes, N)
-    return ref, learner.make_rl_step(CFG, rl, tx, mesh, shapes, stage)
+    ref = learner.make_reference_logprobs(CFG, mesh, shapes, N, loss_chunk=0)
+    return ref, learner.make_rl_step(CFG, rl, tx, mesh, shapes, stage, loss_chunk=0)
 
 
 def test_turn_values_reads_each_turns_tokens():
@@ -113,7 +109,7 @@ def test_per_turn_credit_reaches_only_the_credited_turns(stage):
     zeros = jnp.zeros((16, N))
 
     def expected_loss(p):
-        full, _ = learner.episode_logprobs(CFG, p, ep["tokens"], ep["valid"])
+        full, _ = learner.episode_logprobs(CFG, p, ep["tokens"], ep["valid"], loss_chunk=0)
         lp1 = jnp.where(ep["mask1"], learner.turn_values(full, jnp.asarray(ep["start1"]), N), 0.0)
         lp2 = jnp.where(ep["mask2"], learner.turn_values(full, jnp.asarray(ep["start2"]), N), 0.0)
 
@@ -129,7 +125,7 @@ def test_per_turn_credit_reaches_only_the_credited_turns(stage):
         return loss
 
     want = jax.grad(expected_loss)(params)
-    got = jax.grad(lambda p: learner.rl_loss(CFG, rl, p, ep, zeros, zeros, stage=stage)[0])(params)
+    got = jax.grad(lambda p: learner.rl_loss(CFG, rl, p, ep, zeros, zeros, stage=stage, loss_chunk=0)[0])(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, atol=1e-7, rtol=1e-5)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got)) > 1e-4  # not vacuous

@@ -161,8 +161,21 @@ def test_greedy_matches_full_forward_reference(name):
     logp = jax.nn.log_softmax(full_logits(cfg, params, packed["tokens"], packed["valid"]))
     target_lp = np.take_along_axis(np.asarray(logp[:, :-1]), packed["tokens"][:, 1:, None], -1)[..., 0]
     for t, turn in enumerate(out["turns"]):
-        np.testing.assert_allclose(target_lp[packed["turn"][:, 1:] == t + 1], turn["logprobs"][turn["mask"]],
+        np.testing.assert_allclose(target_lp[turn_positions(packed, t + 1)[:, 1:]], turn["logprobs"][turn["mask"]],
                                    atol=1e-5)
+        for key, field in (("start", "start"), ("mask", "mask"), ("logp", "logprobs"), ("truncated", "truncated")):
+            name = f"{key}{t + 1}_sampler" if key == "logp" else f"{key}{t + 1}"
+            np.testing.assert_array_equal(packed[name], turn[field], err_msg=name)
+
+
+def turn_positions(packed, t):
+    """[R,T] bool: the positions of turn t's tokens (1-based t) in packed episodes."""
+    start, mask = packed[f"start{t}"], packed[f"mask{t}"]
+    T = packed["tokens"].shape[1]
+    on = np.zeros((len(start), T), bool)
+    for r in range(len(start)):
+        on[r, start[r] + np.flatnonzero(mask[r])] = True
+    return on
 
 
 def test_early_exit_and_no_recompilation():
@@ -224,7 +237,7 @@ def test_temperature_samples_follow_the_softmax():
     params = host_params(cfg, scale=1.5)
     T = 0.7
     scfg = sampler.SamplerConfig(max_prompt_len=5, max_new_tokens=1, num_turns=1, temperature=T,
-                                 samples_per_prompt=4096)
+                                 samples_per_prompt=4096, chunk_len=64)
     prompts, lens, _ = ragged_prompts(cfg, scfg, [4])
     out = jax.device_get(get_sampler(cfg, scfg, batch=1)(params, prompts, lens, np.zeros(0), jax.random.key(0)))
     toks = out["turns"][0]["tokens"][:, 0]
@@ -277,7 +290,7 @@ def test_top_k_and_top_p_stay_in_the_allowed_set(knob):
     out = jax.device_get(get_sampler(cfg, scfg)(params, prompts, lens, instruction, jax.random.key(3)))
     packed = jax.device_get(sampler.pack_episodes(scfg, out, prompts, instruction))
     logits = full_logits(cfg, params, packed["tokens"], packed["valid"])[:, :-1].astype(np.float64) / T
-    sampled = packed["turn"][:, 1:] > 0
+    sampled = (turn_positions(packed, 1) | turn_positions(packed, 2))[:, 1:]
     lg, tok = logits[sampled], packed["tokens"][:, 1:][sampled]  # [M,V], [M]
     own = np.take_along_axis(lg, tok[:, None], -1)
     if "top_k" in knob:
@@ -298,16 +311,18 @@ def test_top_k_and_top_p_stay_in_the_allowed_set(knob):
 
 def test_config_and_input_errors():
     with pytest.raises(ValueError, match="instruction_len >= 1"):
-        sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, num_turns=2)
+        sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, temperature=1.0, chunk_len=64, num_turns=2)
     with pytest.raises(ValueError, match="top_p"):
-        sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, num_turns=1, top_p=0.0)
+        sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, temperature=1.0, chunk_len=64, num_turns=1,
+                              top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
-        sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, num_turns=1, temperature=-1.0)
+        sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, num_turns=1, temperature=-1.0, chunk_len=64)
     with pytest.raises(ValueError, match="stop_token_ids"):
-        sampler.Sampler(CFGS["llama"], sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, num_turns=1,
-                                                             stop_token_ids=(64,)), one_device(), 2)
-    s = sampler.Sampler(CFGS["llama"], sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, num_turns=1),
+        sampler.Sampler(CFGS["llama"], sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, temperature=1.0,
+                                                             chunk_len=64, num_turns=1, stop_token_ids=(64,)),
                         one_device(), 2)
+    s = sampler.Sampler(CFGS["llama"], sampler.SamplerConfig(max_prompt_len=4, max_new_tokens=4, temperature=1.0,
+                                                             chunk_len=64, num_turns=1), one_device(), 2)
     params = host_params(CFGS["llama"])
     with pytest.raises(ValueError, match="right-pad"):
         s(params, np.zeros((2, 5)), np.ones(2), np.zeros(0), jax.random.key(0))

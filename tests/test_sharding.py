@@ -209,3 +209,12 @@ def _get(tree, path):
     for k in path:
         tree = tree[k]
     return tree
+
+
+def test_on_mesh_calls_the_function_under_the_mesh():
+    mesh = mesh_of((2, 2, 2))
+    seen = []
+    run = sharding.on_mesh(mesh, lambda x, y=0: seen.append(dict(jax.sharding.get_abstract_mesh().shape)) or x + y)
+    assert run(1, y=2) == 3
+    assert seen == [dict(mesh.shape)]
+    assert jax.sharding.get_abstract_mesh().empty  # only during the call

@@ -70,8 +70,8 @@ def update_tokens_per_s(cfg: model.ModelConfig, episodes: int, prompt: int, new:
     params = model.init_params(cfg, jax.random.key(0), mesh)
     ref_params = model.init_params(cfg, jax.random.key(1), mesh)
     state = learner.init_state(cfg, tx, mesh, jax.random.key(0), params)
-    ref = learner.make_reference_logprobs(cfg, mesh, shapes, new)
-    step = learner.make_rl_step(cfg, rl, tx, mesh, shapes, stage=2)
+    ref = learner.make_reference_logprobs(cfg, mesh, shapes, new, loss_chunk=0)
+    step = learner.make_rl_step(cfg, rl, tx, mesh, shapes, stage=2, loss_chunk=0)
     holder = {"state": state}
 
     def one():
