@@ -213,7 +213,7 @@ def reduce_tokens(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
 
 
 def score_loss(*, logp1, ref_logp1, mask1, logp2, ref_logp2, mask2, r1, r2, stage, alpha, beta1,
-               beta2, shaping, baseline, k, kl_estimator, kl_in_reward=False, normalize):
+               beta2, shaping, baseline, k, kl_estimator, kl_in_reward, normalize):
     """The SCoRe Stage I / Stage II objective as a loss to minimise. Returns (loss, metrics).
 
     logp{t}, ref_logp{t}, mask{t} [B,T_t]: policy (differentiable) and reference log-probs of

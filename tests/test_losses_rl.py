@@ -143,7 +143,7 @@ A1 = np.array([1.0, -1.0, 0.0, 0.0])[:, None]
 A2 = np.array([-10.0, 10.0, 0.0, 0.0])[:, None]
 BASE = {"r1": jnp.array([1.0, 0.0, 0.0, 0.0]), "r2": jnp.array([1.0, 1.0, 0.0, 0.0]),
         "alpha": 10.0, "beta1": 0.5, "beta2": 0.25, "shaping": "difference", "baseline": "loo",
-        "k": 2, "mask1": MASK1, "mask2": MASK2}
+        "k": 2, "mask1": MASK1, "mask2": MASK2, "kl_in_reward": False}
 STATIC = ("stage", "shaping", "baseline", "k", "kl_estimator", "kl_in_reward", "normalize")
 # Policy log-prob -1 at every token, reference -1.5: k1 = 0.5, k2 = 0.125 per token.
 LOGP1, REF1 = jnp.full((4, 3), -1.0), jnp.full((4, 3), -1.5)
@@ -274,7 +274,7 @@ def test_padding_garbage_does_not_leak():
 
 
 def test_score_loss_jit_compiles_and_matches_eager():
-    kw = dict(**BASE, stage=2, kl_estimator="k3", kl_in_reward=False, normalize="constant",
+    kw = dict(**BASE, stage=2, kl_estimator="k3", normalize="constant",
               logp1=LOGP1, ref_logp1=REF1, logp2=LOGP2, ref_logp2=REF2)
     eager, m_eager = losses.score_loss(**kw)
     jitted = jax.jit(losses.score_loss, static_argnames=STATIC)
