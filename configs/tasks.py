@@ -6,7 +6,7 @@ Fields:
     dataset          a key of score_jax.data.BUILDERS
     train_split      TFDS split string to train on ("" for an evaluation-only task)
     eval_split       TFDS split string to evaluate on
-    reward           a key of score_jax.rewards.BATCH_REWARDS; scores a completion against
+    reward           a key of score_jax.rewards.REWARDS; scores a completion against
                      the record's `answer`
     prompt_template  turn 1: a str.format template over the record's text fields
                      (score_jax.prompts.render)
