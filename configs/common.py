@@ -25,11 +25,10 @@ def data() -> ml_collections.ConfigDict:
         builder_seed=0,  # the toy task's generation seed (part of the dataset's identity)
         num_train=20_000,
         num_test=2_000,
-        train_split="train",
-        eval_split="test",
-        seq_len=128,  # tokens per example, prompt and response together
-        too_long="error",  # error | skip | truncate: an SFT example over seq_len, an RL prompt over rl.max_prompt_len
-        # SFT targets: record fields, one per attempt ("attempt1,attempt2" = two-turn episodes
+        train_split="train",  # training jobs (sft, stage1, stage2); the eval job reads eval.split
+        seq_len=128,  # sft: tokens per example, prompt and response together
+        too_long="error",  # error | skip | truncate: an SFT example over seq_len, a prompt over sampling.max_prompt_len
+        # sft: the targets, record fields, one per attempt ("attempt1,attempt2" = two-turn episodes
         # with task.correction between the attempts).
         sft_fields="response",
     ))
@@ -63,7 +62,7 @@ def task() -> ml_collections.ConfigDict:
     """What the model is asked and how it is scored (the toy task; configs/tasks.py has the rest)."""
     from score_jax import prompts  # plain strings; imports nothing heavy
     return ml_collections.ConfigDict(dict(
-        reward="toy",  # a key of score_jax.rewards.BATCH_REWARDS
+        reward="toy",  # a key of score_jax.rewards.REWARDS
         chat_template="toy",  # a key of score_jax.chat.TEMPLATES
         # Turn-1 user text; str.format fields are the dataset record's text fields.
         prompt_template="{prompt}",
@@ -73,7 +72,7 @@ def task() -> ml_collections.ConfigDict:
 
 
 def rl() -> ml_collections.ConfigDict:
-    """SCoRe Stage I / II (score_jax/rl.py). Paper values (Appendix B) in configs/stage*.py."""
+    """SCoRe Stage I / II (score_jax/jobs/rl.py). Paper values (Appendix B) in configs/stage*.py."""
     return ml_collections.ConfigDict(dict(
         # Objective per step: a string over {1, 2}, cycled in blocks of `schedule_block_steps`
         # steps ("1" = Stage I only, "2" = Stage II only, "12" = interleaved I, II, I, ...).
@@ -84,19 +83,15 @@ def rl() -> ml_collections.ConfigDict:
         beta1=0.01,  # KL weight on both turns (Stage II) and on turn 2 (Stage I)
         beta2=0.1,  # Stage I KL weight on turn 1 (large: attempt 1 stays near the base)
         baseline="loo",  # loo (leave-one-out over the k samples of a prompt) | mean | none
-        samples_per_prompt=4,  # k
         kl_estimator="k2",  # k1 | k2 | k3; k2's gradient is that of KL(pi || ref) (losses.py)
         kl_in_reward=False,  # False: beta * KL is a loss term; True: subtracted from the reward
         # Token normalisation of the policy-gradient and KL terms: "constant" = sum over tokens
         # / (episodes * max_new_tokens), i.e. the paper's sequence-level REINFORCE and sequence
         # KL up to one fixed factor; "sequence" = per-sequence mean (GRPO); "token" = batch mean.
         normalize="constant",
-        temperature=1.0,  # training samples (paper: 1.0); log-probs are always at temperature 1
-        top_k=0,
-        top_p=1.0,
-        max_prompt_len=32,  # tokens of x1 (template included); longer prompts: data.too_long
-        max_new_tokens=64,  # per attempt
-        chunk_len=64,  # sampler KV-cache chunk (score_jax/sampler.py)
+        # Training samples (paper: temperature 1.0; log-probs are always at temperature 1);
+        # samples_per_prompt is k, the leave-one-out group.
+        sampling=sampling(temperature=1.0, samples_per_prompt=4, max_new_tokens=64),
         # The frozen reference (the base model): a params export or a Hugging Face directory.
         reference="",
         keep_best=True,  # export the params with the best training reward to <workdir>/best
@@ -105,21 +100,30 @@ def rl() -> ml_collections.ConfigDict:
     ))
 
 
+def sampling(*, temperature: float, samples_per_prompt: int, max_new_tokens: int) -> ml_collections.ConfigDict:
+    """How episodes are sampled (score_jax/sampler.py): RL rollouts (rl.sampling) and the eval
+    job (eval.sampling) share these fields."""
+    return ml_collections.ConfigDict(dict(
+        max_prompt_len=32,  # tokens of x1 (template included); longer prompts: data.too_long
+        max_new_tokens=max_new_tokens,  # per attempt
+        temperature=temperature,  # 0 = greedy
+        top_k=0,  # 0 = off
+        top_p=1.0,  # 1 = off
+        samples_per_prompt=samples_per_prompt,  # episodes per prompt (RL: k; eval: per problem)
+        chunk_len=64,  # sampler KV-cache chunk (score_jax/sampler.py)
+    ))
+
+
 def evaluation() -> ml_collections.ConfigDict:
-    """The eval job (score_jax/eval_job.py); also the evaluations inside configs/demo.py."""
+    """The eval job (score_jax/jobs/eval.py); also the evaluations inside configs/demo.py."""
     return ml_collections.ConfigDict(dict(
         params="",  # a params export (<run>/export or <run>/best)
         split="test",
         num_problems=0,  # the first N problems of the split; 0 = all
         num_attempts=2,  # attempts per episode, each after the correction instruction
-        temperature=0.0,  # 0 = greedy (the paper's evaluation)
-        top_k=0,
-        top_p=1.0,
-        samples_per_problem=1,  # episodes per problem (metrics average over them)
         batch_size=64,  # problems per sampler call
-        max_prompt_len=32,
-        max_new_tokens=80,
-        chunk_len=64,
+        # Greedy (temperature 0, the paper's evaluation), one episode per problem.
+        sampling=sampling(temperature=0.0, samples_per_prompt=1, max_new_tokens=80),
         # Inference-time scaling study: this many two-attempt episodes per problem at
         # scaling_temperature, majority-voted at budgets 2, 4, ... (paper: 32 at 0.7); 0 = off.
         scaling_samples=0,
@@ -131,7 +135,10 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     """Fields shared by every job."""
     c = ml_collections.ConfigDict()
     c.job = "sft"
-    c.seed = 0  # root PRNG seed: split by purpose (init, data, sampling), folded with the step
+    c.seed = 0  # root PRNG seed: split by purpose (score_jax/jobs/keys.py), folded with the step
+    # This run's index among runs that share a seed (configs/demo.py numbers its runs): part of
+    # the root key, so such runs never draw the same keys or data order.
+    c.run = 0
     c.model_preset = model_preset
     c.model = models.get(model_preset)
     c.mesh = mesh()

@@ -3,10 +3,14 @@
     python -m score_jax.main --config=configs/demo.py --workdir=runs/demo          # base vs SCoRe
     python -m score_jax.main --config=configs/demo.py:table --workdir=runs/table   # every row, 3 seeds
 
-Every sub-job's config is here in full (``--config.stage1.rl.beta2=...``,
-``--config.sft.total_steps=...``); ``model``, ``mesh``, ``data`` and ``task`` are shared by all
-of them (set them at the top level: ``--config.model.d_model=...``). Arguments: "" (the demo),
-"table" (the paper's table at toy scale, writes RESULTS.md) and "tiny" (CI: seconds per step).
+Every sub-job's own settings are here (``--config.stage1.rl.beta2=...``,
+``--config.sft.total_steps=...``). What the demo sets for all of them is set once at the top
+level (``--config.model.d_model=...``, ``--config.data.num_train=...``, ``--config.task...``,
+``--config.seed``) and is not a key of the sub-jobs, so ``--config.stage1.model.d_model=64``
+fails like any unknown key instead of being ignored; so do the keys the demo sets per run
+(``init_from``, ``rl.reference``, ``eval.params``). The two SFT phases keep their own
+``data.seq_len`` and ``data.sft_fields``. Arguments: "" (the demo), "table" (the paper's table
+at toy scale, writes RESULTS.md) and "tiny" (CI: seconds per step).
 """
 
 import ml_collections
@@ -18,11 +22,26 @@ from configs import stage1 as stage1_config
 from configs import stage2 as stage2_config
 from score_jax import prompts
 
-ALL_ROWS = "base,self_refine,star,pair_sft,naive_rl,no_stage1,no_shaping,stage1_only,score"
+# Set by the demo for every sub-job (from the top level, or per run): not keys of the sub-jobs.
+_SET_BY_DEMO = ("job", "seed", "run", "model_preset", "model", "mesh", "task", "distributed",
+                "compilation_cache_dir")
 
 
-def _unlocked(c):
-    c = ml_collections.ConfigDict(c.to_dict())
+def _sub(job_config, data_keys: tuple[str, ...] = ()):
+    """A sub-job's own settings: ``job_config`` without what the demo sets itself."""
+    c = ml_collections.ConfigDict(job_config.to_dict())  # an unlocked copy
+    for key in _SET_BY_DEMO:
+        del c[key]
+    data = {k: c.data[k] for k in data_keys}
+    del c.data
+    if data:
+        c.data = ml_collections.ConfigDict(data)
+    if "init_from" in c:
+        del c.init_from
+    if "rl" in c:
+        del c.rl.reference
+    if "eval" in c:
+        del c.eval.params
     return c
 
 
@@ -36,9 +55,11 @@ def get_config(arg: str = ""):
     base = common.base(preset)
     c.compilation_cache_dir = base.compilation_cache_dir
     c.model, c.mesh, c.data, c.task = base.model, base.mesh, base.data, base.task
+    del c.data.seq_len, c.data.sft_fields  # each SFT phase has its own
 
     # Pre-training: single-turn SFT on correct solutions (the model learns the arithmetic).
-    c.pretrain = _unlocked(sft_config.get_config(preset))
+    sft_data = ("seq_len", "sft_fields")
+    c.pretrain = _sub(sft_config.get_config(preset), sft_data)
     c.pretrain.data.sft_fields = "response"
     c.pretrain.data.seq_len = 96
     c.pretrain.total_steps = 500
@@ -46,19 +67,19 @@ def get_config(arg: str = ""):
     c.pretrain.log_every = 50
     # The base model: two-turn SFT on the base's attempts (attempt 2 copies or re-solves,
     # independently of whether attempt 1 was right: it cannot correct yet).
-    c.sft = _unlocked(sft_config.get_config(preset))
+    c.sft = _sub(sft_config.get_config(preset), sft_data)
     c.sft.data.sft_fields = "attempt1,attempt2"
     c.sft.data.seq_len = 192
     c.sft.total_steps = 150
     c.sft.optim.learning_rate = 1e-3
     c.sft.optim.warmup_steps = 10
     c.sft.log_every = 25
-    c.stage1 = _unlocked(stage1_config.get_config(preset))
-    c.stage2 = _unlocked(stage2_config.get_config(preset))
+    c.stage1 = _sub(stage1_config.get_config(preset))
+    c.stage2 = _sub(stage2_config.get_config(preset))
     for job in (c.stage1, c.stage2):
         job.total_steps = 40
         job.log_every = 10
-    c.eval = _unlocked(eval_config.get_config(preset))
+    c.eval = _sub(eval_config.get_config(preset))
     # Two evaluations of every row: greedy (the paper's protocol; the main table) and sampled
     # as in training (temperature 1, demo.sampled_samples episodes per problem), where the toy
     # base model's slips show.
@@ -66,7 +87,7 @@ def get_config(arg: str = ""):
     c.eval.eval.batch_size = 125
 
     c.demo = ml_collections.ConfigDict(dict(
-        rows="base,score",
+        rows="base,score",  # methods of score_jax/jobs/demo.py METHODS, or "all" (every row, in table order)
         seeds=1,
         # Self-Refine-style prompting: the base model, untrained, asked to review and fix.
         self_refine_correction=prompts.TOY_SELF_REFINE,
@@ -86,7 +107,7 @@ def get_config(arg: str = ""):
         only_seed=-1,
     ))
     if arg == "table":
-        c.demo.rows = ALL_ROWS
+        c.demo.rows = "all"
         c.demo.seeds = 3
         c.demo.shared_base = True
         c.demo.results_md = "RESULTS.md"
@@ -100,7 +121,7 @@ def get_config(arg: str = ""):
             job.total_steps, job.log_every, job.batch_size = 3, 1, 4
             job.checkpoint.every_steps = 2
         c.eval.eval.num_problems, c.eval.eval.batch_size, c.demo.sampled_samples = 16, 8, 2
-        c.demo.rows = ALL_ROWS
+        c.demo.rows = "all"
         c.demo.star_rounds, c.demo.star_prompts, c.demo.star_samples, c.demo.baseline_sft_steps = 1, 16, 2, 2
     elif arg:
         raise ValueError(f"configs/demo.py takes '', 'table' or 'tiny', not {arg!r}.")

@@ -3,7 +3,7 @@
     python -m score_jax.main --config=configs/eval.py:toy --config.eval.params=runs/stage2_toy/export
 
 Argument: PRESET[,TASK] as in configs/stage1.py. ``eval.params`` defaults to the stage2 run of
-the preset. Greedy by default; ``--config.eval.temperature=1.0 --config.eval.samples_per_problem=4``
+the preset. Greedy by default; ``--config.eval.sampling.temperature=1.0 --config.eval.sampling.samples_per_prompt=4``
 samples; ``--config.eval.num_attempts=10`` evaluates repeated correction;
 ``--config.eval.scaling_samples=32`` adds the inference-scaling study.
 """
@@ -22,12 +22,13 @@ def get_config(arg: str = "toy"):
         del c[key]
     c.job = "eval"
     t = rl_common.with_task(c, preset, task)
+    del c.data.seq_len, c.data.sft_fields, c.data.train_split  # training only; eval.split is the split
     c.eval = common.evaluation()
     c.eval.params = os.path.join(rl_common.run_dir("stage2", preset), "export")
-    c.eval.split = c.data.eval_split
+    c.eval.split = t.eval_split
     if task != "toy":
-        c.eval.max_prompt_len, c.eval.max_new_tokens = t.max_prompt_len, t.max_new_tokens
-        c.eval.batch_size, c.eval.chunk_len = 32, 128
+        c.eval.sampling.max_prompt_len, c.eval.sampling.max_new_tokens = t.max_prompt_len, t.max_new_tokens
+        c.eval.batch_size, c.eval.sampling.chunk_len = 32, 128
         c.tokenizer = os.path.join("checkpoints", preset)
         c.mesh.data, c.mesh.fsdp = 1, -1
         c.model.dtype = "bfloat16"

@@ -39,7 +39,7 @@ def run_dir(job: str, preset: str) -> str:
 def with_task(c, preset: str, task: str):
     """Points data, task and lengths of config ``c`` at ``task`` (configs/tasks.py)."""
     t = tasks.get(task)
-    c.data.name, c.data.train_split, c.data.eval_split = t.dataset, t.train_split, t.eval_split
+    c.data.name, c.data.train_split = t.dataset, t.train_split
     c.data.manual_dir = t.manual_dir
     c.task.reward, c.task.prompt_template, c.task.correction = t.reward, t.prompt_template, t.correction
     if task != "toy":
@@ -55,21 +55,22 @@ def base(job: str, arg: str):
     preset, task = parse(arg)
     c = common.base(preset)
     c.job = job
+    del c.data.seq_len, c.data.sft_fields  # sft only
     c.rl = common.rl()
     t = with_task(c, preset, task)
-    c.rl.alpha, c.rl.beta1, c.rl.temperature = ALPHA, BETA1, TEMPERATURE
-    c.rl.max_prompt_len, c.rl.max_new_tokens = t.max_prompt_len, t.max_new_tokens
+    c.rl.alpha, c.rl.beta1, c.rl.sampling.temperature = ALPHA, BETA1, TEMPERATURE
+    c.rl.sampling.max_prompt_len, c.rl.sampling.max_new_tokens = t.max_prompt_len, t.max_new_tokens
     if task == "toy":
         c.rl.reference = os.path.join(run_dir("sft", preset), "export")
         # The CPU toy: small batches, a learning rate for a ~1M-parameter model.
-        c.batch_size = 16  # prompts per step; rows = batch_size * rl.samples_per_prompt
+        c.batch_size = 16  # prompts per step; rows = batch_size * rl.sampling.samples_per_prompt
         c.total_steps = 100
         c.log_every = 5
         c.optim.learning_rate = 1e-4
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 5
         c.checkpoint.every_steps = 25
-        c.rl.max_new_tokens = 72  # toy solutions are at most 70 tokens
+        c.rl.sampling.max_new_tokens = 72  # toy solutions are at most 70 tokens
         return c
     paper = PAPER["code" if t.reward == "code" else "math"]
     c.rl.reference = c.tokenizer = os.path.join("checkpoints", preset)
@@ -84,5 +85,5 @@ def base(job: str, arg: str):
     c.mesh.data, c.mesh.fsdp = 1, -1
     c.model.dtype, c.model.remat = "bfloat16", "full"
     c.loss_chunk = 256  # 128k-256k vocabularies: project onto the vocabulary 256 positions at a time
-    c.rl.chunk_len = 128
+    c.rl.sampling.chunk_len = 128
     return c

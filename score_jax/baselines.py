@@ -1,7 +1,7 @@
 """Training data of the paper's supervised self-correction baselines, from the model's own samples.
 
 Both start from episodes the current model sampled on the training prompts
-(``eval_job.generate``) and return SFT records: the source record's fields plus
+(``jobs.eval.generate``) and return SFT records: the source record's fields plus
 ``attempt1`` / ``attempt2``, trained with the loss on attempt 2 only (``learn="last"``: the
 first attempt is context, as a correction is what these methods teach).
 
@@ -32,7 +32,7 @@ def _record(source: Sequence[Mapping[str, Any]], ps: prompt_set.PromptSet, probl
 
 
 def star_records(source, ps: prompt_set.PromptSet, gen: dict, correct: np.ndarray) -> list[dict]:
-    """Episodes with r(y1) = 0 and r(y2) = 1, in row order. gen/correct as from eval_job."""
+    """Episodes with r(y1) = 0 and r(y2) = 1, in row order. gen/correct as from jobs.eval."""
     out = []
     for row, p in enumerate(gen["problem"]):
         if correct[0][row] == 0 and correct[1][row] == 1:

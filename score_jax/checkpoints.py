@@ -9,6 +9,7 @@ Layout under a run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import logging
@@ -27,6 +28,13 @@ from jax.experimental import multihost_utils
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int  # periodic saves (0 = only at the end and on SIGTERM)
+    keep: int  # newest checkpoints kept
+    async_save: bool
 
 
 def _path(path) -> epath.Path:

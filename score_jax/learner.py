@@ -169,7 +169,7 @@ def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, re
     loss, m = losses.score_loss(
         logp1=logp1, ref_logp1=ref_logp1, mask1=mask1, logp2=logp2, ref_logp2=ref_logp2, mask2=mask2,
         r1=batch["r1"], r2=batch["r2"], stage=stage, alpha=rl.alpha, beta1=rl.beta1, beta2=rl.beta2,
-        shaping=rl.shaping, baseline=rl.baseline, k=rl.samples_per_prompt, kl_estimator=rl.kl_estimator,
+        shaping=rl.shaping, baseline=rl.baseline, k=rl.sampling.samples_per_prompt, kl_estimator=rl.kl_estimator,
         kl_in_reward=rl.kl_in_reward, normalize=rl.normalize)
     sg = jax.lax.stop_gradient
     r1, r2 = batch["r1"], batch["r2"]

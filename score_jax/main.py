@@ -37,8 +37,9 @@ class ConfigError(ValueError):
 
 def _jobs():
     # Imported here so `--help` and config errors do not pay for importing jax.
-    from score_jax import demo, eval_job, rl, sft
-    return {"sft": (sft.run, _train_config), "stage1": (rl.run, _rl_config), "stage2": (rl.run, _rl_config),
+    from score_jax.jobs import demo, rl, sft
+    from score_jax.jobs import eval as eval_job
+    return {"sft": (sft.run, _sft_config), "stage1": (rl.run, _rl_config), "stage2": (rl.run, _rl_config),
             "eval": (eval_job.run, _eval_config), "demo": (demo.run, _demo_config)}
 
 
@@ -68,9 +69,9 @@ def build(cls, cd, where: str = "config"):
         raise ConfigError(f"Invalid {where}: {e}") from e
 
 
-def _train_config(cd):
+def _sft_config(cd):
     from score_jax import settings
-    return build(settings.TrainConfig, cd)
+    return build(settings.SFTTrainConfig, cd)
 
 
 def _rl_config(cd):
@@ -83,20 +84,29 @@ def _eval_config(cd):
     return build(settings.EvalJobConfig, cd)
 
 
-_SHARED = ("model", "mesh", "data", "task")  # the demo's sub-jobs all use the top-level ones
+# The demo's sub-jobs (configs/demo.py) hold only their own settings; these come from its top
+# level, and the per-run ones (init_from, rl.reference, eval.params, run) are set by the demo.
+_DEMO_SUBS = {"pretrain": "sft", "sft": "sft", "stage1": "stage1", "stage2": "stage2", "eval": "eval"}
+_DEMO_SHARED = ("seed", "model_preset", "model", "mesh", "task", "distributed", "compilation_cache_dir")
+_SET_PER_RUN = "(set per run by the demo)"
 
 
 def _demo_config(cd):
     from score_jax import settings
-    subs = ("pretrain", "sft", "stage1", "stage2", "eval")
     plain = cd.to_dict()
-    shared = {k: plain.pop(k) for k in _SHARED}
-    for sub in subs:
-        for k, v in shared.items():
-            if k == "data" and sub in ("pretrain", "sft"):
-                v = dict(v, seq_len=plain[sub]["data"]["seq_len"], sft_fields=plain[sub]["data"]["sft_fields"])
-            plain[sub][k] = v
-        plain[sub]["model_preset"] = plain["model_preset"]
+    for sub, job in _DEMO_SUBS.items():
+        s = plain[sub]
+        s.update({k: plain[k] for k in _DEMO_SHARED}, job=job, run=0)
+        s["data"] = dict(plain["data"], **s.get("data", {}))
+        if job == "eval":
+            del s["data"]["train_split"]
+            s["eval"]["params"] = _SET_PER_RUN
+        else:
+            s["init_from"] = _SET_PER_RUN
+        if job in ("stage1", "stage2"):
+            s["rl"]["reference"] = _SET_PER_RUN
+    for key in ("model", "mesh", "data", "task"):  # only the sub-jobs' copies are typed
+        del plain[key]
     return build(settings.DemoConfig, plain)
 
 
@@ -129,10 +139,11 @@ def main(argv):
     if jax.process_index() == 0:
         (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
-    from score_jax import checkpoints, loop
+    from score_jax import checkpoints
+    from score_jax.jobs import harness
     try:
         run(cfg, workdir)
-    except loop.NonFiniteError as e:
+    except harness.NonFiniteError as e:
         logging.getLogger("score_jax").error("Training stopped: %s", e)
         sys.exit(3)
     except (checkpoints.MissingExportError, ValueError) as e:

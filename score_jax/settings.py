@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from score_jax import loop, model, optim, sharding
+from score_jax import checkpoints, model, optim, sharding
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -14,23 +14,39 @@ def _csv(text: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The dataset (its identity and where it lives); what every job reads."""
+
     name: str
     data_dir: str
     manual_dir: str
     builder_seed: int
     num_train: int
     num_test: int
-    train_split: str
-    eval_split: str
-    seq_len: int
     too_long: str
-    sft_fields: str  # comma-separated record fields, one per attempt (sft job)
 
     def __post_init__(self):
-        if not self.attempt_fields():
-            raise ValueError("data.sft_fields is empty; name the record field(s) to learn, e.g. 'response'.")
         if self.too_long not in ("error", "skip", "truncate"):
             raise ValueError(f"data.too_long={self.too_long!r}; choose error, skip or truncate.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDataConfig(DataConfig):
+    """A training job's data: the dataset and the split it trains on."""
+
+    train_split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig(TrainDataConfig):
+    """The sft job's data: also the example length and the record fields it learns."""
+
+    seq_len: int
+    sft_fields: str  # comma-separated record fields, one per attempt
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.attempt_fields():
+            raise ValueError("data.sft_fields is empty; name the record field(s) to learn, e.g. 'response'.")
 
     def attempt_fields(self) -> tuple[str, ...]:
         return _csv(self.sft_fields)
@@ -45,18 +61,37 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How episodes are sampled, for RL rollouts and evaluation alike (see configs/common.py)."""
+
+    max_prompt_len: int  # tokens of x1 (template included); longer prompts: data.too_long
+    max_new_tokens: int  # per attempt
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1 = off
+    samples_per_prompt: int  # k episodes per prompt (RL: the leave-one-out group)
+    chunk_len: int  # sampler KV-cache chunk (score_jax/sampler.py)
+
+    def __post_init__(self):
+        for name in ("samples_per_prompt", "max_prompt_len", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Fields every training job has (see configs/common.py for their meaning)."""
 
     job: str
     seed: int
+    run: int  # index of this run among runs sharing a seed (jobs/keys.py)
     model_preset: str
     model: model.ModelConfig
     mesh: sharding.MeshConfig
-    data: DataConfig
+    data: TrainDataConfig
     task: TaskConfig
     optim: optim.OptimConfig
-    checkpoint: loop.CheckpointConfig
+    checkpoint: checkpoints.CheckpointConfig
     batch_size: int
     total_steps: int
     log_every: int
@@ -65,6 +100,13 @@ class TrainConfig:
     distributed: bool
     compilation_cache_dir: str
     loss_chunk: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTTrainConfig(TrainConfig):
+    """The sft job: the shared training fields, with the SFT data fields."""
+
+    data: SFTDataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +120,10 @@ class RLConfig:
     beta1: float
     beta2: float
     baseline: str
-    samples_per_prompt: int
     kl_estimator: str
     kl_in_reward: bool
     normalize: str
-    temperature: float
-    top_k: int
-    top_p: float
-    max_prompt_len: int
-    max_new_tokens: int
-    chunk_len: int
+    sampling: SamplingConfig
     reference: str
     keep_best: bool
     samples_every: int
@@ -106,12 +142,9 @@ class RLConfig:
                               ("normalize", tuple(losses.REDUCTIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"rl.{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
-        if self.baseline == "loo" and self.samples_per_prompt < 2:
-            raise ValueError("rl.baseline='loo' needs rl.samples_per_prompt >= 2; raise it or use "
+        if self.baseline == "loo" and self.sampling.samples_per_prompt < 2:
+            raise ValueError("rl.baseline='loo' needs rl.sampling.samples_per_prompt >= 2; raise it or use "
                              "baseline 'mean' or 'none'.")
-        for name in ("samples_per_prompt", "max_prompt_len", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}.")
         if not self.reference:
             raise ValueError("rl.reference is empty; point it at the base model's export "
                              "(e.g. runs/sft_toy/export) or a Hugging Face directory.")
@@ -126,7 +159,7 @@ class RLConfig:
 @dataclasses.dataclass(frozen=True)
 class RLTrainConfig(TrainConfig):
     """A Stage I / Stage II job: the shared training fields plus the task and the RL settings.
-    ``batch_size`` counts prompts per step (each sampled ``rl.samples_per_prompt`` times)."""
+    ``batch_size`` counts prompts per step (each sampled ``rl.sampling.samples_per_prompt`` times)."""
 
     rl: RLConfig
 
@@ -139,20 +172,14 @@ class EvalConfig:
     split: str
     num_problems: int
     num_attempts: int
-    temperature: float
-    top_k: int
-    top_p: float
-    samples_per_problem: int
-    batch_size: int
-    max_prompt_len: int
-    max_new_tokens: int
-    chunk_len: int
+    batch_size: int  # problems per sampler call
+    sampling: SamplingConfig  # samples_per_prompt = episodes per problem
     scaling_samples: int
     scaling_temperature: float
 
     def __post_init__(self):
-        if self.num_attempts < 1 or self.samples_per_problem < 1 or self.batch_size < 1:
-            raise ValueError("eval.num_attempts, eval.samples_per_problem and eval.batch_size must be >= 1.")
+        if self.num_attempts < 1 or self.batch_size < 1:
+            raise ValueError("eval.num_attempts and eval.batch_size must be >= 1.")
         if self.scaling_samples and (self.scaling_samples < 2 or self.scaling_samples % 2):
             raise ValueError(f"eval.scaling_samples={self.scaling_samples} must be 0 (off) or an even "
                              "number >= 2 (the paper uses 32).")
@@ -162,6 +189,7 @@ class EvalConfig:
 class EvalJobConfig:
     job: str
     seed: int
+    run: int
     model_preset: str
     model: model.ModelConfig
     mesh: sharding.MeshConfig
@@ -177,7 +205,7 @@ class EvalJobConfig:
 class DemoSettings:
     """What the demo pipeline runs (see configs/demo.py)."""
 
-    rows: str  # comma-separated methods of score_jax.demo.METHODS, in table order
+    rows: str  # "all" or comma-separated methods of score_jax/jobs/demo.py METHODS, in table order
     seeds: int
     self_refine_correction: str
     star_rounds: int
@@ -203,8 +231,8 @@ class DemoConfig:
     model_preset: str
     distributed: bool
     compilation_cache_dir: str
-    pretrain: TrainConfig
-    sft: TrainConfig
+    pretrain: SFTTrainConfig
+    sft: SFTTrainConfig
     stage1: RLTrainConfig
     stage2: RLTrainConfig
     eval: EvalJobConfig

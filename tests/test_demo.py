@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import test_train_sft as sft_e2e
-from score_jax import demo
+from score_jax.jobs import demo, demo_report
 
 ROOT = sft_e2e.ROOT
 
@@ -81,7 +81,8 @@ def test_seeds_in_parallel_processes_share_the_base_model(tmp_path):
     assert (seed0 / "base" / "summary.json").exists() and not (seed1 / "base").exists()
     assert not (seed1 / "eval_base").exists()  # the base row is evaluated once, under seed 0
     cfg = json.loads((seed1 / "stage1" / "config.json").read_text())
-    assert cfg["rl"]["reference"] == cfg["init_from"] == str(seed0 / "base" / "export") and cfg["seed"] == 1
+    assert cfg["rl"]["reference"] == cfg["init_from"] == str(seed0 / "base" / "export")
+    assert cfg["seed"] == 0 and cfg["run"] == demo.run_index("seed1/stage1")
 
     final = _demo(wd, data_dir, *common)
     assert "demo seed 0: stage1\n" not in final.stderr and "demo seed 1: stage1\n" not in final.stderr
@@ -110,8 +111,81 @@ def test_wall_span_reads_the_runs_files_and_skips_seeds_without_runs(tmp_path):
             path = tmp_path / "seed0" / name / f
             path.write_text("{}")
             os.utime(path, (when, when))
-    assert demo._wall_span(str(tmp_path / "seed0")) == (100.0, 500.0)
-    assert demo._wall_span(str(tmp_path / "seed1")) is None  # only untrained rows: no runs of its own
+    assert demo_report._wall_span(str(tmp_path / "seed0")) == (100.0, 500.0)
+    assert demo_report._wall_span(str(tmp_path / "seed1")) is None  # only untrained rows: no runs of its own
     (tmp_path / "seed2" / "stage1").mkdir(parents=True)
     (tmp_path / "seed2" / "stage1" / "config.json").write_text("{}")  # started, never finished
-    assert demo._wall_span(str(tmp_path / "seed2")) is None
+    assert demo_report._wall_span(str(tmp_path / "seed2")) is None
+
+
+@pytest.mark.parametrize("override", ["--config.stage1.model.d_model=64", "--config.stage1.task.correction=x",
+                                      "--config.pretrain.data.num_train=5", "--config.eval.seed=3",
+                                      "--config.stage2.init_from=/x", "--config.eval.eval.params=/x"])
+def test_overrides_of_what_the_demo_sets_itself_are_refused(tmp_path, override):
+    """The sub-jobs hold only their own settings: an override of what the demo sets for them
+    (shared at the top level, or per run) fails like any unknown key, before any work."""
+    p = _demo(tmp_path, tmp_path / "tfds", override, returncode=2, timeout=300)
+    assert "Config error" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "tfds").exists()
+
+
+def _table():
+    from configs import demo as demo_config
+    from score_jax import main as main_lib
+    return main_lib._demo_config(demo_config.get_config("table"))
+
+
+def test_the_sub_jobs_take_the_top_level_settings_and_their_own():
+    import dataclasses
+    from configs import demo as demo_config
+    from score_jax import main as main_lib
+    c = demo_config.get_config("table")
+    with c.unlocked():
+        c.model.d_model, c.data.num_train, c.pretrain.data.seq_len, c.stage1.rl.beta2 = 96, 777, 100, 0.5
+    cfg = main_lib._demo_config(c)
+    for sub in (cfg.pretrain, cfg.sft, cfg.stage1, cfg.stage2, cfg.eval):
+        assert sub.model.d_model == 96 and sub.data.num_train == 777 and sub.task == cfg.stage1.task
+    assert (cfg.pretrain.data.seq_len, cfg.sft.data.seq_len) == (100, c.sft.data.seq_len)
+    assert cfg.stage1.rl.beta2 == 0.5 and cfg.stage2.rl.beta2 == c.stage2.rl.beta2
+    assert not hasattr(cfg.eval.data, "train_split") and dataclasses.is_dataclass(cfg.eval.data)
+
+
+def test_no_two_runs_of_the_table_share_a_sampling_key_or_a_data_order():
+    import math
+
+    import jax
+    import numpy as np
+
+    from score_jax import settings
+    from score_jax.jobs import harness, keys
+
+    cfg = _table()
+    runs = demo.plan(cfg, "runs/table")
+    paths = [p for p, _ in runs]
+    assert len(set(paths)) == len(paths)
+    # Seed 0: pretrain, base, stage1, four Stage II runs, 2 STaR rounds, Pair-SFT, and each of the
+    # 9 rows evaluated greedy and sampled; seeds 1, 2 (on seed 0's base): 8 runs and 7 rows each.
+    assert len(runs) == (10 + 2 * 9) + 2 * (8 + 2 * 7)
+    owner: dict[tuple, str] = {}
+    data_seeds: dict[int, str] = {}
+    for path, c in runs:
+        root = harness.root_key(c)
+        if isinstance(c, settings.RLTrainConfig):
+            purpose, n = "sampling", c.total_steps
+        elif isinstance(c, settings.EvalJobConfig):
+            purpose, n = "eval", math.ceil(c.eval.num_problems / c.eval.batch_size)
+        elif "star" in path or "pair" in path:
+            purpose, n = "self_samples", math.ceil(cfg.demo.star_prompts / cfg.eval.eval.batch_size)
+        else:
+            purpose, n = None, 0  # pretrain, base: no sampling
+        if purpose:
+            base = keys.key(root, purpose)
+            for i in range(n):
+                kd = tuple(np.asarray(jax.random.key_data(jax.random.fold_in(base, i))).tolist())
+                assert kd not in owner, f"{path} step/batch {i} samples with {owner.get(kd)}'s key"
+                owner[kd] = path
+        if not isinstance(c, settings.EvalJobConfig):
+            s = keys.seed(root, "data")
+            assert s not in data_seeds, f"{path} has {data_seeds.get(s)}'s data order"
+            data_seeds[s] = path
+    assert len(data_seeds) == 10 + 2 * 8

@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
 def _eval(workdir, data_dir, params, *overrides, check=True):
     cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/eval.py:tiny", f"--workdir={workdir}",
            f"--config.data.data_dir={data_dir}", "--config.data.num_train=2000", "--config.data.num_test=200",
-           f"--config.eval.params={params}", "--config.eval.max_new_tokens=10", *overrides]
+           f"--config.eval.params={params}", "--config.eval.sampling.max_new_tokens=10", *overrides]
     p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_eval_writes_metrics_episodes_and_the_scaling_study(tmp_path, setup):
     data_dir, params = setup
     wd = tmp_path / "eval"
     p = _eval(wd, data_dir, params, "--config.eval.num_problems=10", "--config.eval.batch_size=4",
-              "--config.eval.num_attempts=3", "--config.eval.temperature=1.0", "--config.eval.samples_per_problem=2",
+              "--config.eval.num_attempts=3", "--config.eval.sampling.temperature=1.0", "--config.eval.sampling.samples_per_prompt=2",
               "--config.eval.scaling_samples=4")
     ev = json.loads((wd / "eval.json").read_text())
     assert (ev["num_problems"], ev["samples_per_problem"], ev["num_attempts"]) == (10, 2, 3)

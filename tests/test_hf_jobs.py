@@ -13,7 +13,8 @@ import transformers
 
 import test_train_sft as sft_e2e
 from configs import models
-from score_jax import checkpoints, hf, inputs, model, sharding
+from score_jax import checkpoints, hf, model, sharding
+from score_jax.jobs import inputs
 
 ROOT = sft_e2e.ROOT
 TINY = model.ModelConfig(**models.get("tiny").to_dict())
@@ -87,7 +88,7 @@ def test_stage1_from_a_hugging_face_checkpoint(hf_tiny, tmp_path):
     cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/stage1.py:tiny", f"--workdir={wd}",
            f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.num_train=500", "--config.data.num_test=50",
            f"--config.rl.reference={path}", f"--config.init_from={path}", "--config.total_steps=2",
-           "--config.batch_size=2", "--config.rl.samples_per_prompt=2", "--config.rl.max_new_tokens=8",
+           "--config.batch_size=2", "--config.rl.sampling.samples_per_prompt=2", "--config.rl.sampling.max_new_tokens=8",
            "--config.checkpoint.every_steps=0", "--config.log_every=1"]
     p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -20,9 +20,10 @@ P, N, I = 6, 5, 3  # prompt slots, new tokens per turn, instruction length
 
 
 def rl_cfg(**kw) -> settings.RLConfig:
+    sampling = settings.SamplingConfig(max_prompt_len=P, max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
+                                       samples_per_prompt=kw.pop("samples_per_prompt", 4), chunk_len=0)
     base = dict(schedule="1", schedule_block_steps=0, alpha=10.0, shaping="difference", beta1=0.01, beta2=0.1,
-                baseline="loo", samples_per_prompt=4, kl_estimator="k2", kl_in_reward=False, normalize="constant",
-                temperature=1.0, top_k=0, top_p=1.0, max_prompt_len=P, max_new_tokens=N, chunk_len=0,
+                baseline="loo", kl_estimator="k2", kl_in_reward=False, normalize="constant", sampling=sampling,
                 reference="unused", keep_best=False, samples_every=0, samples_per_write=0)
     return settings.RLConfig(**{**base, **kw})
 

@@ -77,7 +77,8 @@ def test_too_long_error_names_the_first_and_counts_all(tok):
     with pytest.raises(ValueError) as e:
         _build(_mixed(), tok, too_long="error")
     assert str(e.value) == ("2 of 5 prompts are longer than max_prompt_len=8 (record 1 has 10 tokens); raise "
-                            "rl.max_prompt_len or set data.too_long to 'skip' or 'truncate'.")
+                            "sampling.max_prompt_len (rl.sampling or eval.sampling) or set data.too_long to 'skip' "
+                            "or 'truncate'.")
 
 
 def test_too_long_skip_drops_them_and_says_so(tok, caplog):
@@ -119,7 +120,7 @@ def test_nothing_in_budget(tok):
     with pytest.raises(ValueError, match=r"^Every prompt is longer than max_prompt_len=8; raise it\.$"):
         _build([{"prompt": "123456", "answer": "0"}], tok, too_long="skip")
     with pytest.raises(ValueError, match=r"^max_prompt_len=4 cannot even hold the chat template's 4 marker "
-                                         r"tokens; raise rl\.max_prompt_len\.$"):
+                                         r"tokens; raise sampling\.max_prompt_len \(rl\.sampling or eval\.sampling\)\.$"):
         _build([{"prompt": "1", "answer": "0"}], tok, max_prompt_len=4, too_long="truncate")
 
 
@@ -237,3 +238,10 @@ def test_batch_argument_errors():
     for seed in (-1, 2**32):
         with pytest.raises(ValueError, match=rf"^seed={seed} must be in \[0, 2\*\*32\)\.$"):
             _stream(ps, 1, seed=seed)
+
+
+@pytest.mark.parametrize("index, count", [(2, 2), (-1, 2), (0, 0)])
+def test_batches_refuse_a_shard_outside_the_process_count(tok, index, count):
+    ps = _build([{"prompt": "1+1", "answer": "2"}] * 4, tok)
+    with pytest.raises(ValueError, match=r"shard_index=.* must be in \[0, shard_count="):
+        prompt_set.batches(ps, global_batch_size=2, seed=0, shard_index=index, shard_count=count)

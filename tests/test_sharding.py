@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import contiguous_cache
 from score_jax import model, sharding
 
 # See tests/test_model.py: same numbers, about 4x less XLA:CPU compile time.
@@ -79,14 +80,14 @@ def test_cached_decoding_on_a_mesh_matches_one_device():
     valid = np.arange(8)[None] < np.array([[8], [5], [7], [3]])
 
     def run(params, cache):
-        logits, cache = model.forward(CFG, params, tokens[:, :8], pos, valid, cache)
+        logits, cache = contiguous_cache.cached_forward(CFG, params, tokens[:, :8], pos, valid, cache)
         step_pos = valid.sum(1, keepdims=True)
-        last, cache = model.forward(CFG, params, tokens[:, 8:], step_pos, None, cache)
+        last, cache = contiguous_cache.cached_forward(CFG, params, tokens[:, 8:], step_pos, None, cache)
         return logits, last, cache
 
-    cache = model.init_cache(CFG, 4, 12)
+    cache = contiguous_cache.init_cache(CFG, 4, 12)
     want = jax.jit(run, compiler_options=FAST_COMPILE)(params, cache)
-    c_shard = sharding.tree_shardings(mesh, model.CACHE_AXES, cache)
+    c_shard = sharding.tree_shardings(mesh, contiguous_cache.CACHE_AXES, cache)
     p_shard = model.param_shardings(CFG, mesh)
     with jax.set_mesh(mesh):
         got = jax.jit(run, in_shardings=(p_shard, c_shard), out_shardings=(None, None, c_shard),
@@ -159,7 +160,7 @@ def test_logical_to_spec():
     for names in model.param_axes(CFG).values():
         for leaf in jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)):
             sharding.logical_to_spec(leaf)  # every name the model uses has a rule
-    for names in model.CACHE_AXES.values():
+    for names in contiguous_cache.CACHE_AXES.values():
         sharding.logical_to_spec(names)
 
 

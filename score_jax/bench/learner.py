@@ -7,7 +7,7 @@ Prints one JSON object:
     64 prompt + 2 x 128 response tokens: ``tokens_per_s`` and ``mfu`` = model FLOP/s over the
     matmul peak measured in the same run (``common.matmul_peak_flops``, before and after the
     update; the higher of the two);
-  * the wall-time split of a real toy RL step (``score_jax.rl`` on the toy task for a few
+  * the wall-time split of a real toy RL step (``score_jax.jobs.rl`` on the toy task for a few
     steps, from a randomly initialised toy model): ``toy_step`` = mean seconds of sampling,
     rewards and learning, from the job's own metrics.
 
@@ -38,11 +38,11 @@ from configs import models as model_presets  # noqa: E402
 
 
 def rl_config(k: int) -> settings.RLConfig:
+    sampling = settings.SamplingConfig(max_prompt_len=64, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0,
+                                       samples_per_prompt=k, chunk_len=64)
     return settings.RLConfig(schedule="2", schedule_block_steps=0, alpha=10.0, shaping="difference", beta1=0.01,
-                             beta2=0.1, baseline="loo", samples_per_prompt=k, kl_estimator="k2", kl_in_reward=False,
-                             normalize="constant", temperature=1.0, top_k=0, top_p=1.0, max_prompt_len=64,
-                             max_new_tokens=128, chunk_len=64, reference="-", keep_best=False, samples_every=0,
-                             samples_per_write=0)
+                             beta2=0.1, baseline="loo", kl_estimator="k2", kl_in_reward=False, normalize="constant",
+                             sampling=sampling, reference="-", keep_best=False, samples_every=0, samples_per_write=0)
 
 
 def update_tokens_per_s(cfg: model.ModelConfig, episodes: int, prompt: int, new: int, steps: int) -> dict:
@@ -91,7 +91,7 @@ def toy_step_split(steps: int) -> dict:
     """Runs the real stage2 job on the toy task for ``steps`` steps; mean time split per step."""
     from configs import stage2 as stage2_config
     from score_jax import main as main_lib
-    from score_jax import rl
+    from score_jax.jobs import rl
 
     with tempfile.TemporaryDirectory() as tmp:
         cd = stage2_config.get_config("toy")
@@ -100,7 +100,8 @@ def toy_step_split(steps: int) -> dict:
             cd.total_steps, cd.log_every = steps, 1
             cd.checkpoint.every_steps = 0
             cd.rl.keep_best, cd.rl.samples_every = False, 0
-            cd.rl.reference = cd.init_from = os.path.join(tmp, "base", "export")
+            cd.rl.reference = os.path.join(tmp, "base", "export")
+            cd.init_from = ""  # the policy starts as the reference
             cd.compilation_cache_dir = ""
         cfg = main_lib.build(settings.RLTrainConfig, cd)
         mesh = sharding.make_mesh(cfg.mesh)
@@ -111,7 +112,7 @@ def toy_step_split(steps: int) -> dict:
     split = {k: float(np.mean([r[k] for r in rows])) for k in ("time_sample", "time_reward", "time_learn")}
     total = sum(split.values())
     return {"seconds": split, "fraction": {k: v / total for k, v in split.items()}, "steps_timed": len(rows),
-            "rows_per_step": cfg.batch_size * cfg.rl.samples_per_prompt}
+            "rows_per_step": cfg.batch_size * cfg.rl.sampling.samples_per_prompt}
 
 
 def main(argv=None):

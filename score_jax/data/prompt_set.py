@@ -50,7 +50,7 @@ def _truncate(tok, template, text: str, max_len: int, overhead: int) -> tuple[li
     room = max_len - overhead
     if room < 1:
         raise ValueError(f"max_prompt_len={max_len} cannot even hold the chat template's {overhead} "
-                         "marker tokens; raise rl.max_prompt_len.")
+                         "marker tokens; raise sampling.max_prompt_len (rl.sampling or eval.sampling).")
     body = tok.encode(text)
     while room > 0:  # re-encoding a cut text can merge differently: shrink until it fits
         cut = tok.decode(body[:room])
@@ -92,8 +92,8 @@ def build(source: Sequence[Mapping[str, Any]], tok: tokenizer_lib.Tokenizer, tem
     if over and too_long == "error":
         i, length = first_over
         raise ValueError(f"{over} of {n} prompts are longer than max_prompt_len={max_prompt_len} "
-                         f"(record {i} has {length} tokens); raise rl.max_prompt_len or set "
-                         "data.too_long to 'skip' or 'truncate'.")
+                         f"(record {i} has {length} tokens); raise sampling.max_prompt_len (rl.sampling or "
+                         "eval.sampling) or set data.too_long to 'skip' or 'truncate'.")
     if over:
         log.warning("%d of %d prompts are longer than max_prompt_len=%d: %s them (data.too_long).",
                     over, n, max_prompt_len, "skipped" if too_long == "skip" else "truncated")
@@ -116,6 +116,8 @@ def batches(ps: PromptSet, *, global_batch_size: int, seed: int, shard_index: in
     shard_count, i.e. G / shard_count rows: {"tokens" [b, P], "lengths" [b], "index" [b]}
     (``index`` into ``ps``). ``get_state()`` / ``set_state()`` resume the stream exactly.
     """
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
     if global_batch_size < 1 or global_batch_size % shard_count:
         raise ValueError(f"batch_size={global_batch_size} must be a positive multiple of the "
                          f"{shard_count} processes.")

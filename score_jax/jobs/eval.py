@@ -2,9 +2,9 @@
 
     python -m score_jax.main --config=configs/eval.py:toy --config.eval.params=runs/stage2_toy/export
 
-Each problem gets ``samples_per_problem`` episodes of ``num_attempts`` attempts (greedy at
-temperature 0), each attempt after the same correction instruction, from one sampler call per
-batch of problems. Writes ``<workdir>/eval.json`` (``evaluate.self_correction`` metrics with
+Each problem gets ``sampling.samples_per_prompt`` episodes of ``num_attempts`` attempts (greedy
+at temperature 0), each attempt after the same correction instruction, from one sampler call
+per batch of problems. Writes ``<workdir>/eval.json`` (``evaluate.self_correction`` metrics with
 95% intervals, edit-distance ratio, mean lengths, the accuracy after each attempt, and the
 inference-scaling study when ``scaling_samples`` > 0, also drawn as
 ``<workdir>/inference_scaling.png``) and ``<workdir>/episodes.jsonl``, and prints the table.
@@ -23,27 +23,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from score_jax import chat, episodes, evaluate, inputs, metrics, model, rewards
+from score_jax import episodes, evaluate, metrics, model, rewards
 from score_jax import sampler as sampler_lib
 from score_jax import settings, sharding
 from score_jax.data import prompt_set
+from score_jax.jobs import harness, inputs, keys
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-    """How episodes are sampled (see configs/eval.py)."""
-
-    num_attempts: int
-    temperature: float
-    top_k: int
-    top_p: float
-    samples_per_problem: int
-    batch_size: int  # problems per sampler call
-    max_new_tokens: int
-    chunk_len: int
-
 
 _HOW = "any training job writes <workdir>/export at its end"
 
@@ -53,30 +39,20 @@ def load_policy(path: str, cfg: model.ModelConfig, mesh) -> dict:
     return inputs.params(path, cfg, mesh, _HOW)
 
 
-def generate(cfg: model.ModelConfig, params: dict, mesh, ps: prompt_set.PromptSet, tok, template: chat.ChatTemplate,
-             correction: str, dec: Decoding, seed: int) -> dict:
-    """Samples every prompt of ``ps``; returns this process's rows, problem-major
-    (row p * k + j = sample j of problem p; all rows on one host):
+def generate(cfg: model.ModelConfig, params: dict, mesh, ps: prompt_set.PromptSet, tok, task: settings.TaskConfig,
+             sampling: settings.SamplingConfig, num_attempts: int, batch_size: int, key: jax.Array) -> dict:
+    """Samples every prompt of ``ps`` (batch b with ``fold_in(key, b)``; ``batch_size`` divides
+    over the mesh: see harness.make_mesh); returns this process's
+    rows, problem-major (row p * k + j = sample j of problem p; all rows on one host):
     {"texts": [A][rows] str, "lengths" [A, rows] int, "truncated" [A, rows] bool, "problem" [rows]}."""
-    k = dec.samples_per_problem
-    instruction = np.asarray(chat.instruction_ids(tok, template, correction), np.int32)
-    stop_ids = tuple(dict.fromkeys(chat.stop_ids(tok, template) + (tok.eos_id,)))
-    scfg = sampler_lib.SamplerConfig(
-        max_prompt_len=ps.tokens.shape[1], max_new_tokens=dec.max_new_tokens, instruction_len=len(instruction),
-        num_turns=dec.num_attempts, temperature=dec.temperature, top_k=dec.top_k, top_p=dec.top_p,
-        samples_per_prompt=k, stop_token_ids=stop_ids, pad_id=tok.pad_id, chunk_len=dec.chunk_len)
-    B = dec.batch_size
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if B % shards:
-        raise ValueError(f"eval.batch_size={B} must be divisible by data x fsdp = {shards}.")
+    k, B = sampling.samples_per_prompt, batch_size
+    scfg, instruction = inputs.sampler_config(tok, task, sampling, num_attempts)
     smp = sampler_lib.Sampler(cfg, scfg, mesh, B)
-    shard_p = sharding.batch_sharding(mesh, 2)
-    shard_l = sharding.batch_sharding(mesh, 1)
+    shard_p, shard_l = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
     n, proc, n_proc = len(ps), jax.process_index(), jax.process_count()
     per = B // n_proc
-    texts = [[] for _ in range(dec.num_attempts)]
-    lengths, truncated, problem = [[] for _ in range(dec.num_attempts)], [[] for _ in range(dec.num_attempts)], []
-    key = jax.random.fold_in(jax.random.key(seed), 3)  # purpose 3: evaluation sampling
+    texts = [[] for _ in range(num_attempts)]
+    lengths, truncated, problem = [[] for _ in range(num_attempts)], [[] for _ in range(num_attempts)], []
     t0 = time.perf_counter()
     for b, first in enumerate(range(0, n, B)):
         idx = np.arange(first, first + B) % n  # the last batch wraps around; extra rows dropped
@@ -85,22 +61,22 @@ def generate(cfg: model.ModelConfig, params: dict, mesh, ps: prompt_set.PromptSe
         lens = jax.make_array_from_process_local_data(shard_l, ps.lengths[mine])
         out = smp(params, prompts, lens, instruction, jax.random.fold_in(key, b))
         real = np.repeat(first + proc * per + np.arange(per) < n, k)
-        for a in range(dec.num_attempts):
+        for a in range(num_attempts):
             turn = {f: episodes.local_rows(out["turns"][a][f]) for f in ("tokens", "lengths", "truncated")}
-            texts[a] += [t for t, r in zip(episodes.turn_texts(tok, turn["tokens"], turn["lengths"], stop_ids), real) if r]
+            texts[a] += [t for t, r in zip(episodes.turn_texts(tok, turn["tokens"], turn["lengths"],
+                                                               scfg.stop_token_ids), real) if r]
             lengths[a].append(turn["lengths"][real])
             truncated[a].append(turn["truncated"][real])
         problem.append(np.repeat(mine, k)[real])
-        done = min(first + B, n)
-        log.info("eval: %d/%d problems sampled (%.0f s)", done, n, time.perf_counter() - t0)
+        log.info("eval: %d/%d problems sampled (%.0f s)", min(first + B, n), n, time.perf_counter() - t0)
     return {"texts": texts, "lengths": np.stack([np.concatenate(x) for x in lengths]),
             "truncated": np.stack([np.concatenate(x) for x in truncated]), "problem": np.concatenate(problem)}
 
 
-def score(reward_fn, gen: dict, ps: prompt_set.PromptSet) -> np.ndarray:
+def score(reward: rewards.Reward, gen: dict, ps: prompt_set.PromptSet) -> np.ndarray:
     """correct [A, rows] float32 of every attempt of ``generate``'s rows."""
     refs = [ps.answers[int(p)] for p in gen["problem"]]
-    return episodes.score_turns(reward_fn, gen["texts"], refs)
+    return episodes.score_turns(reward.score_batch, gen["texts"], refs)
 
 
 def summarize(correct: np.ndarray, gen: dict, num_problems: int, k: int) -> dict:
@@ -122,26 +98,25 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.concatenate(list(parts), axis=-1)
 
 
-def scaling_study(cfg, params, mesh, ps, tok, template, task: settings.TaskConfig, ev: settings.EvalConfig,
-                  reward_fn, seed: int) -> dict:
+def scaling_study(cfg: model.ModelConfig, params, mesh, ps, tok, task: settings.TaskConfig, ev: settings.EvalConfig,
+                  reward: rewards.Reward, key: jax.Array) -> dict:
     """evaluate.inference_scaling over ``scaling_samples`` two-attempt episodes per problem."""
-    dec = Decoding(2, ev.scaling_temperature, ev.top_k, ev.top_p, ev.scaling_samples, ev.batch_size,
-                   ev.max_new_tokens, ev.chunk_len)
-    gen = generate(cfg, params, mesh, ps, tok, template, task.correction, dec, seed + 1)
+    if reward.final_answer is None:
+        raise ValueError(f"eval.scaling_samples needs final answers to vote on; task.reward={task.reward!r} has none.")
     S, P = ev.scaling_samples, len(ps)
-    extract = rewards.REWARDS[task.reward].final_answer
+    sampling = dataclasses.replace(ev.sampling, temperature=ev.scaling_temperature, samples_per_prompt=S)
+    gen = generate(cfg, params, mesh, ps, tok, task, sampling, 2, ev.batch_size, key)
     answers = np.empty((2, P, S), dtype=object)
     for a in range(2):
         for row, text in enumerate(gen["texts"][a]):
-            answers[a, row // S, row % S] = extract(text)
+            answers[a, row // S, row % S] = reward.final_answer(text)
     cache: dict = {}
 
     def is_correct(p: int, answer):
         if answer is None:
             return False
         if (p, answer) not in cache:
-            cache[(p, answer)] = rewards.REWARDS[task.reward].score_batch(
-                [rewards.REWARDS[task.reward].answer_text(answer)], [ps.answers[p]])[0] == 1.0
+            cache[(p, answer)] = reward.score_batch([reward.answer_text(answer)], [ps.answers[p]])[0] == 1.0
         return cache[(p, answer)]
 
     return evaluate.inference_scaling(answers, is_correct, evaluate.scaling_budgets(S))
@@ -149,34 +124,37 @@ def scaling_study(cfg, params, mesh, ps, tok, template, task: settings.TaskConfi
 
 def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
     ev, task = cfg.eval, cfg.task
-    if task.reward not in rewards.REWARDS:
-        raise ValueError(f"task.reward={task.reward!r}; choose one of {sorted(rewards.REWARDS)}.")
+    reward = inputs.reward(task.reward)
     if not ev.params:
         raise ValueError("eval.params is empty; point it at an export, e.g. runs/stage2_toy/export.")
     inputs.require_params(ev.params, "params", _HOW)
-    mesh = sharding.make_mesh(cfg.mesh)
+    # ------------------------------------------------------------------ mesh and keys
+    mesh = harness.make_mesh(cfg.mesh, ev.batch_size, "eval.batch_size")
+    root = harness.root_key(cfg)
+    # ------------------------------------------------------------------ input and params
     builder = inputs.dataset(cfg.data)
     tok = inputs.tokenizer(cfg.tokenizer, builder, cfg.model)
-    template = chat.get(task.chat_template)
-    ps = inputs.prompts(builder, ev.split, tok, task, max_prompt_len=ev.max_prompt_len, too_long=cfg.data.too_long,
-                        limit=ev.num_problems)
+    ps = inputs.prompts(builder, ev.split, tok, task, max_prompt_len=ev.sampling.max_prompt_len,
+                        too_long=cfg.data.too_long, limit=ev.num_problems)
     params = load_policy(ev.params, cfg.model, mesh)
-    reward_fn = rewards.REWARDS[task.reward].score_batch
-    dec = Decoding(ev.num_attempts, ev.temperature, ev.top_k, ev.top_p, ev.samples_per_problem, ev.batch_size,
-                   ev.max_new_tokens, ev.chunk_len)
+    # ------------------------------------------------------------------ sample, score, summarise
     t0 = time.perf_counter()
-    gen = generate(cfg.model, params, mesh, ps, tok, template, task.correction, dec, cfg.seed)
-    correct = score(reward_fn, gen, ps)
-    result = summarize(correct, gen, len(ps), ev.samples_per_problem)
-    result.update(params=ev.params, split=ev.split, decoding=dataclasses.asdict(dec),
+    gen = generate(cfg.model, params, mesh, ps, tok, task, ev.sampling, ev.num_attempts, ev.batch_size,
+                   keys.key(root, "eval"))
+    correct = score(reward, gen, ps)
+    result = summarize(correct, gen, len(ps), ev.sampling.samples_per_prompt)
+    result.update(params=ev.params, split=ev.split,
+                  decoding=dict(num_attempts=ev.num_attempts, batch_size=ev.batch_size,
+                                **dataclasses.asdict(ev.sampling)),
                   prompts={"used": len(ps), "too_long": ps.too_long, "records": ps.num_records})
     if ev.scaling_samples > 0:
-        result["inference_scaling"] = scaling_study(cfg.model, params, mesh, ps, tok, template, task, ev,
-                                                    reward_fn, cfg.seed)
+        result["inference_scaling"] = scaling_study(cfg.model, params, mesh, ps, tok, task, ev, reward,
+                                                    keys.key(root, "scaling"))
         if jax.process_index() == 0:
             from score_jax import plots  # matplotlib only when a plot is drawn
             plots.inference_scaling(os.path.join(workdir, "inference_scaling.png"), result["inference_scaling"])
     result["seconds"] = time.perf_counter() - t0
+    # ------------------------------------------------------------------ write
     metrics.write_json(os.path.join(workdir, "eval.json"), result)
     write_episodes(os.path.join(workdir, "episodes.jsonl"), gen, correct, ps)
     if jax.process_index() == 0:

@@ -1,12 +1,16 @@
 """What every job reads before it trains or evaluates: the dataset (built if missing), the
-tokenizer, and the turn-1 prompts of a split."""
+tokenizer, the turn-1 prompts of a split, params, and the sampler program of a task."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-from score_jax import chat, data, model, settings
+import numpy as np
+
+from score_jax import chat, data, model
+from score_jax import sampler as sampler_lib
+from score_jax import settings
 from score_jax import tokenizer as tokenizer_lib
 from score_jax.data import prompt_set
 
@@ -21,6 +25,14 @@ def dataset(cfg: settings.DataConfig):
     elif data.needs_manual_dir(cfg.name):
         kwargs = dict(manual_dir=cfg.manual_dir or None)
     return data.prepare(cfg.name, cfg.data_dir, **kwargs)
+
+
+def reward(name: str):
+    """The task's reward (score_jax/rewards REWARDS entry) named by ``task.reward``."""
+    from score_jax import rewards
+    if name not in rewards.REWARDS:
+        raise ValueError(f"task.reward={name!r}; choose one of {sorted(rewards.REWARDS)}.")
+    return rewards.REWARDS[name]
 
 
 def split_names(split: str) -> list[str]:
@@ -76,3 +88,18 @@ def require_params(path: str, what: str, how_to_create: str) -> None:
     if not (checkpoints.has_export(path) or hf.is_hf_checkpoint(path)):
         raise checkpoints.MissingExportError(
             f"No {what} export (or Hugging Face checkpoint) found at {path}; create it with: {how_to_create}")
+
+
+def sampler_config(tok: tokenizer_lib.Tokenizer, task: settings.TaskConfig, sampling: settings.SamplingConfig,
+                   num_turns: int) -> tuple[sampler_lib.SamplerConfig, np.ndarray]:
+    """The sampler program of ``sampling`` for ``num_turns`` attempts of ``task``, and the token
+    ids of its correction instruction (the same for RL rollouts and evaluation)."""
+    template = chat.get(task.chat_template)
+    instruction = np.asarray(chat.instruction_ids(tok, template, task.correction), np.int32)
+    stop_ids = tuple(dict.fromkeys(chat.stop_ids(tok, template) + (tok.eos_id,)))
+    s = sampling
+    cfg = sampler_lib.SamplerConfig(
+        max_prompt_len=s.max_prompt_len, max_new_tokens=s.max_new_tokens, instruction_len=len(instruction),
+        num_turns=num_turns, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        samples_per_prompt=s.samples_per_prompt, stop_token_ids=stop_ids, pad_id=tok.pad_id, chunk_len=s.chunk_len)
+    return cfg, instruction
