@@ -151,11 +151,13 @@ def test_the_sub_jobs_take_the_top_level_settings_and_their_own():
 
 
 def test_no_two_runs_of_the_table_share_a_sampling_key_or_a_data_order():
+    import dataclasses
     import math
 
     import jax
     import numpy as np
 
+    from score_jax import main as main_lib
     from score_jax import settings
     from score_jax.jobs import harness, keys
 
@@ -169,6 +171,8 @@ def test_no_two_runs_of_the_table_share_a_sampling_key_or_a_data_order():
     owner: dict[tuple, str] = {}
     data_seeds: dict[int, str] = {}
     for path, c in runs:
+        # Every per-run field is set by the demo (init_from, rl.reference, eval.params).
+        assert main_lib._SET_PER_RUN not in json.dumps(dataclasses.asdict(c)), path
         root = harness.root_key(c)
         if isinstance(c, settings.RLTrainConfig):
             purpose, n = "sampling", c.total_steps

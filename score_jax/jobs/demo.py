@@ -118,7 +118,7 @@ class _Seed:
             return self.shared.pretrain()
         if self.cfg.pretrain.total_steps == 0:
             return ""
-        return self._train("pretrain", sft.run, self.cfg.pretrain)
+        return self._train("pretrain", sft.run, dataclasses.replace(self.cfg.pretrain, init_from=""))  # random init
 
     def base(self) -> str:
         if self.shared is not None:
