@@ -14,15 +14,6 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return picked - logz
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
-    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1], over the tokens
-    whose ``loss_mask`` is 1 (the mask marks tokens to be learned, aligned with ``tokens``).
-
-    Returns (loss, num_target_tokens); the mean is over all target tokens of the batch.
-    """
-    return masked_mean_nll(token_logprobs(logits[:, :-1], tokens[:, 1:]), loss_mask[:, 1:])
-
-
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of x over the entries where mask (same shape) is nonzero: a scalar, 0 for an empty
     mask. Masked-out entries are replaced by 0 (not multiplied), so they may hold inf or nan."""
@@ -300,14 +291,3 @@ def score_loss(*, logp1, ref_logp1, mask1, logp2, ref_logp2, mask2, r1, r2, stag
         "loss": sg(loss),
     }
     return loss, metrics
-
-
-def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean entropy (nats) of softmax(logits) over the tokens where mask is nonzero.
-
-    logits [B,T,V], mask [B,T] -> scalar f32; 0 for an empty mask. For metrics: -inf logits are
-    fine (they contribute 0).
-    """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B,T,V]
-    return masked_mean(_entropy(logp), mask)  # [B,T] -> scalar
-

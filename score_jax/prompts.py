@@ -16,16 +16,6 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from score_jax import chat
-
-# The toy template's markers, as chat.TOY defines them.
-USER = chat.TOY.user_start
-MODEL = chat.TOY.model_start
-END_OF_TURN = chat.TOY.model_end
-
-# Pieces the toy tokenizer must hold as single, unsplittable tokens.
-TOY_SYMBOLS = chat.TOY.special_pieces
-
 # SCoRe's instruction p for attempt 2. It is fixed and says nothing about whether attempt 1
 # was right, so it leaks no answer.
 TOY_CORRECTION = (
@@ -40,15 +30,6 @@ TOY_SELF_REFINE = (
     "Review the solution above line by line and check each step. If a step is wrong, fix it "
     "and rewrite the solution. End with the line Answer: <integer>."
 )
-
-
-def render_turn(prompt: str) -> str:
-    """Returns the user turn followed by the model-turn opener: `<user>{prompt}<eot><model>`
-    (`chat.TOY.first_prompt`).
-
-    The model's response, then `END_OF_TURN`, follow this text directly.
-    """
-    return chat.TOY.first_prompt(prompt)
 
 
 # ----------------------------------------------------------------------------- task prompts

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from score_jax import data
-from score_jax import prompts
+from score_jax import chat
 from score_jax import tokenizer
 from score_jax.data import pipeline
 from score_jax.data import toy
@@ -52,8 +52,8 @@ def test_masks_mark_response_and_end_tokens(built):
     texts = {}
     for r in source:
         r = {k: v.decode() for k, v in r.items()}
-        texts[prompts.render_turn(r["prompt"])] = r["response"]
-    eot = tok.token_id(prompts.END_OF_TURN)
+        texts[chat.TOY.first_prompt(r["prompt"])] = r["response"]
+    eot = tok.token_id(chat.TOY.model_end)
     batch = next(_loader(source, tok, global_batch_size=16))
     for tokens, mask, valid in zip(batch["tokens"], batch["loss_mask"], batch["valid"]):
         n = int(valid.sum())
@@ -62,9 +62,9 @@ def test_masks_mark_response_and_end_tokens(built):
         assert tokens[0] == tok.bos_id and tokens[n - 1] == tok.eos_id and tokens[n - 2] == eot
         first = int(np.argmax(mask))
         assert mask[first:n].all() and not mask[:first].any() and not mask[n:].any()
-        assert tokens[first - 1] == tok.token_id(prompts.MODEL)
+        assert tokens[first - 1] == tok.token_id(chat.TOY.model_start)
         context = tok.decode(tokens[1:first])
-        assert tok.decode(tokens[first:n]) == texts[context] + prompts.END_OF_TURN
+        assert tok.decode(tokens[first:n]) == texts[context] + chat.TOY.model_end
 
 
 def test_deterministic_and_seeded(built):
@@ -179,7 +179,7 @@ def test_mask_counts_match_tokenizer(built):
     lengths = collections.Counter()
     for r in source:
         r = {k: v.decode() for k, v in r.items()}
-        lengths[prompts.render_turn(r["prompt"])] = len(tok.encode(r["response"])) + 2
+        lengths[chat.TOY.first_prompt(r["prompt"])] = len(tok.encode(r["response"])) + 2
     batch = next(_loader(source, tok, global_batch_size=16))
     for tokens, mask in zip(batch["tokens"], batch["loss_mask"]):
         first = int(np.argmax(mask))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import chat, episodes, prompts, sharding, tokenizer
+from score_jax import chat, episodes, sharding, tokenizer
 from score_jax.data import toy
 
 
@@ -19,7 +19,7 @@ def tok(tmp_path_factory):
     exs = toy.examples(seed=3, train_size=100, test_size=10)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     tokenizer.train_sentencepiece(toy.tokenizer_corpus(exs["train"]), path, vocab_size=256,
-                                  user_symbols=prompts.TOY_SYMBOLS, required_chars=toy.PRINTABLE_ASCII)
+                                  user_symbols=chat.TOY.special_pieces, required_chars=toy.PRINTABLE_ASCII)
     return tokenizer.load(path)
 
 
@@ -64,7 +64,7 @@ def test_local_rows_multi_process_path_keeps_trailing_axes(monkeypatch):
 
 
 def test_turn_texts_cut_at_length_and_drop_one_final_stop(tok):
-    eot, eos, pad = tok.token_id(prompts.END_OF_TURN), tok.eos_id, tok.pad_id
+    eot, eos, pad = tok.token_id(chat.TOY.model_end), tok.eos_id, tok.pad_id
     e = tok.encode
     rows = [
         (e("Answer: 5") + [eot], None),  # the usual turn: its stop id dropped
@@ -89,7 +89,7 @@ def test_turn_texts_cut_at_length_and_drop_one_final_stop(tok):
 
 
 def test_turn_texts_without_that_stop_id_keeps_it(tok):
-    eot = tok.token_id(prompts.END_OF_TURN)
+    eot = tok.token_id(chat.TOY.model_end)
     tokens = np.asarray([tok.encode("42") + [eot]], np.int32)
     assert episodes.turn_texts(tok, tokens, np.asarray([3]), (tok.eos_id,)) == ["42<eot>"]
     assert episodes.turn_texts(tok, tokens, np.asarray([3]), chat.stop_ids(tok, chat.TOY)) == ["42"]

@@ -12,14 +12,6 @@ def test_token_logprobs_by_hand():
     np.testing.assert_allclose(got, np.log([[0.25, 0.8]]), rtol=1e-6)
 
 
-def test_next_token_loss_uses_only_masked_targets():
-    # Vocabulary 2; tokens [0, 1, 0]; only the last token is a target.
-    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
-    loss, n = losses.next_token_loss(logits, jnp.array([[0, 1, 0]]), jnp.array([[0, 0, 1]]))
-    assert float(n) == 1.0
-    np.testing.assert_allclose(loss, -np.log(0.9), rtol=1e-6)  # p(token 0 | position 1) = 0.9
-
-
 def test_masked_mean_nll_with_empty_mask_is_zero():
     loss, n = losses.masked_mean_nll(jnp.full((2, 3), -1.0), jnp.zeros((2, 3)))
     assert float(loss) == 0.0 and float(n) == 0.0
@@ -42,3 +34,17 @@ def test_chunked_logprobs_match_unchunked_values_and_grads(chunk):
     g_chunk = jax.grad(lambda w, h: f(w, h, chunk).sum(), argnums=(0, 1))(w, hidden)
     for a, b in zip(g_full, g_chunk):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_chunked_entropy_by_hand():
+    """The entropy the learner logs (chunked_logprobs_and_entropy), at three hand-made positions."""
+    import math
+    logits = jnp.array([[[0.0, 0.0, 0.0, 0.0],                   # uniform over 4: log 4
+                         [0.0, -jnp.inf, -jnp.inf, -jnp.inf],    # certain: 0 (-inf logits are fine)
+                         jnp.log(jnp.array([0.5, 0.25, 0.25, 1e-30])).tolist()]])  # 1.5 log 2
+    hidden = jnp.arange(3.0)[None, :, None]  # [1, 3, 1]: position t's "hidden state" is t
+    unembed = lambda h: logits[0][h[..., 0].astype(jnp.int32)]  # noqa: E731  row t of the logits above
+    for chunk in (0, 1, 2):
+        logp, ent = losses.chunked_logprobs_and_entropy(unembed, hidden, jnp.array([[0, 0, 1]]), chunk)
+        np.testing.assert_allclose(ent[0], [math.log(4), 0.0, 1.5 * math.log(2)], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(logp[0], [-math.log(4), 0.0, math.log(0.25)], rtol=1e-5)

@@ -306,15 +306,3 @@ def test_score_loss_invalid_options_raise(bad, message):
 
 
 # ---- metrics helpers -----------------------------------------------------------------------
-def test_entropy_from_logits_by_hand():
-    logits = jnp.array([[[0.0, 0.0, 0.0, 0.0],                   # uniform over 4: log 4 = 1.386294
-                         [0.0, -jnp.inf, -jnp.inf, -jnp.inf],    # certain: 0
-                         jnp.log(jnp.array([0.5, 0.25, 0.25, 1e-30])).tolist()]])  # ~1.5 log 2
-    np.testing.assert_allclose(losses.entropy_from_logits(logits, jnp.array([[1, 0, 0]])),
-                               math.log(4), rtol=1e-6)
-    np.testing.assert_allclose(losses.entropy_from_logits(logits, jnp.array([[1, 1, 0]])),
-                               math.log(4) / 2, rtol=1e-6)
-    # 0.5 log 2 + 2 * 0.25 log 4 = 1.5 log 2 = 1.039721
-    np.testing.assert_allclose(losses.entropy_from_logits(logits, jnp.array([[0, 0, 1]])),
-                               1.5 * math.log(2), rtol=1e-5)
-

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
-from score_jax import prompts
+from score_jax import chat
 from score_jax import tokenizer
 from score_jax.data import toy
 
@@ -25,7 +25,7 @@ def corpus():
 def toy_model(corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     tokenizer.train_sentencepiece(
-        corpus[1], path, vocab_size=256, user_symbols=prompts.TOY_SYMBOLS,
+        corpus[1], path, vocab_size=256, user_symbols=chat.TOY.special_pieces,
         required_chars=toy.PRINTABLE_ASCII,
     )
     return path
@@ -35,7 +35,7 @@ def test_round_trip_on_corpus(corpus, toy_model):
     tok = tokenizer.load(toy_model)
     exs, texts = corpus
     held_out = [
-        prompts.render_turn(e["prompt"]) + e["response"] + prompts.END_OF_TURN for e in exs["test"]
+        chat.TOY.first_prompt(e["prompt"]) + e["response"] + chat.TOY.model_end for e in exs["test"]
     ]
     ascii_text = toy.PRINTABLE_ASCII + "\n two  spaces\n\n trailing "
     for text in texts + held_out + [ascii_text]:
@@ -47,7 +47,7 @@ def test_special_ids_and_symbols(toy_model):
     tok = tokenizer.load(toy_model)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
     assert tok.vocab_size <= 256
-    for piece in prompts.TOY_SYMBOLS + ("\n",):
+    for piece in chat.TOY.special_pieces + ("\n",):
         assert tok.encode(piece) == [tok.token_id(piece)]
     assert tok.encode("12") == [tok.token_id("1"), tok.token_id("2")]  # digits split
     with pytest.raises(KeyError, match="not a piece"):
@@ -63,7 +63,7 @@ def test_decode_skips_pad_keeps_everything_else(toy_model):
 def test_training_is_deterministic(corpus, toy_model, tmp_path):
     again = tmp_path / "again.model"
     tokenizer.train_sentencepiece(
-        corpus[1], again, vocab_size=256, user_symbols=prompts.TOY_SYMBOLS,
+        corpus[1], again, vocab_size=256, user_symbols=chat.TOY.special_pieces,
         required_chars=toy.PRINTABLE_ASCII,
     )
     assert again.read_bytes() == toy_model.read_bytes()
