@@ -86,13 +86,7 @@ def hf_train_tokens_per_s(shape: dict, batch: int, seq_len: int, steps: int,
         optimizer.zero_grad(set_to_none=True)
         return loss.item()  # waits for the step to finish
 
-    for tokens in batches[:warmup]:
-        train_step(tokens)
-    start = time.perf_counter()
-    for tokens in batches[warmup:]:
-        train_step(tokens)
-    elapsed = time.perf_counter() - start
-    return batch * seq_len * steps / elapsed
+    return batch * seq_len * steps / _timed(train_step, batches, warmup)
 
 
 def hf_generate_tokens_per_s(shape: dict, batch: int, prompt_len: int, new_tokens: int,
@@ -122,10 +116,15 @@ def hf_generate_tokens_per_s(shape: dict, batch: int, prompt_len: int, new_token
             raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected "
                                f"{(batch, prompt_len + new_tokens)}.")
 
-    for input_ids in prompts[:warmup]:
-        generate(input_ids)
+    return batch * new_tokens * repeats / _timed(generate, prompts, warmup)
+
+
+def _timed(fn, inputs: list, warmup: int) -> float:
+    """Seconds of ``fn`` over ``inputs[warmup:]``, after untimed calls on ``inputs[:warmup]``
+    (``fn`` must wait for its own result, as torch's .item() and generate do)."""
+    for x in inputs[:warmup]:
+        fn(x)
     start = time.perf_counter()
-    for input_ids in prompts[warmup:]:
-        generate(input_ids)
-    elapsed = time.perf_counter() - start
-    return batch * new_tokens * repeats / elapsed
+    for x in inputs[warmup:]:
+        fn(x)
+    return time.perf_counter() - start
