@@ -66,6 +66,34 @@ def self_correction(correct) -> dict:
     return out
 
 
+REVISE_KEYS = ("revise_if_wrong", "revise_if_right", "fix_if_revised", "break_if_revised")
+
+
+def revise_rates(c1, c2, revised) -> dict:
+    """The conditional rates SCoRe has to move, from per-episode outcomes of the same shape
+    (c1, c2: attempt 1 / 2 correct; revised: y2 != y1; all 0/1). Written with array operators
+    only, so numpy arrays and jax arrays (inside jit) alike:
+        revise_if_wrong   P(y2 != y1 | y1 wrong)
+        revise_if_right   P(y2 != y1 | y1 right)
+        fix_if_revised    P(y2 right | y1 wrong, y2 != y1)
+        break_if_revised  P(y2 wrong | y1 right, y2 != y1)
+    and the counts they are conditioned on (n_wrong1, n_right1, n_revised_wrong, n_revised_right);
+    a rate whose condition never happened is 0 (its count says so). Since y2 == y1 scores the
+    same, delta_i_to_c = P(y1 wrong) * revise_if_wrong * fix_if_revised, and likewise c->i."""
+    wrong, right = 1 - c1, c1
+    rev_wrong, rev_right = revised * wrong, revised * right
+    n = {"n_wrong1": wrong.sum(), "n_right1": right.sum(), "n_revised_wrong": rev_wrong.sum(),
+         "n_revised_right": rev_right.sum()}
+
+    def rate(num, den):
+        return num / (den + (den == 0))  # 0 for an empty condition, for numpy and jax alike
+
+    return {"revise_if_wrong": rate(n["n_revised_wrong"], n["n_wrong1"]),
+            "revise_if_right": rate(n["n_revised_right"], n["n_right1"]),
+            "fix_if_revised": rate((rev_wrong * c2).sum(), n["n_revised_wrong"]),
+            "break_if_revised": rate((rev_right * (1 - c2)).sum(), n["n_revised_right"]), **n}
+
+
 def mean_or_nan(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from score_jax import losses, model, optim, sharding
+from score_jax import evaluate, losses, model, optim, sharding
 
 State = dict[str, Any]
 
@@ -184,6 +184,8 @@ def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, re
         truncated1=jnp.mean(batch["truncated1"].astype(jnp.float32)),
         truncated2=jnp.mean(batch["truncated2"].astype(jnp.float32)),
         edit_ratio=jnp.mean(batch["edit_ratio"]),
+        # What SCoRe must move (evaluate.revise_rates): an edit ratio of exactly 1 is y2 == y1.
+        **_revise_rates(r1, r2, (batch["edit_ratio"] < 1.0).astype(jnp.float32)),
         # The learner's and the sampler's log-probs of the same tokens: equal up to float
         # rounding when both see the same weights (a check that they score the same episode).
         logp_gap=jnp.maximum(losses.masked_mean(jnp.abs(sg(logp1) - batch["logp1_sampler"]), mask1),
@@ -191,6 +193,11 @@ def rl_loss(cfg: model.ModelConfig, rl, params: dict, batch: dict, ref_logp1, re
         stage=jnp.asarray(stage, jnp.float32),
     )
     return loss, m
+
+
+def _revise_rates(r1, r2, revised) -> dict:
+    rates = evaluate.revise_rates(r1, r2, revised)
+    return {k: rates[k] for k in evaluate.REVISE_KEYS}
 
 
 def make_rl_step(cfg: model.ModelConfig, rl, tx: optax.GradientTransformation, mesh: Mesh,

@@ -31,10 +31,34 @@ def training_rewards(path: str, stages: list[tuple[str, list[dict]]]) -> None:
     plt.close(fig)
 
 
+def training_revise_rates(path: str, stages: list[tuple[str, list[dict]]]) -> None:
+    """P(y2 != y1 | y1 wrong) and P(y2 != y1 | y1 right) (metrics.jsonl rows) over consecutive stages."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for name, rows in stages:
+        rows = [r for r in rows if "revise_if_wrong" in r]
+        if not rows:
+            continue
+        steps = [offset + r["step"] for r in rows]
+        ax.plot(steps, [r["revise_if_wrong"] for r in rows], color="tab:green", label=f"{name}: revises a wrong y1")
+        ax.plot(steps, [r["revise_if_right"] for r in rows], color="tab:red", linestyle="--",
+                label=f"{name}: revises a right y1")
+        offset = steps[-1]
+        ax.axvline(offset, color="grey", linewidth=0.5)
+    ax.set_xlabel("training step (Stage I, then Stage II)")
+    ax.set_ylabel("fraction of training episodes")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("When does the policy revise? (training batches)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def correction_bars(path: str, rows: dict[str, dict]) -> None:
     """Delta_i->c and Delta_c->i per method (fractions, with 95% intervals)."""
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 4.5))
     width = 0.38
     for i, (key, label, color) in enumerate((("delta_i_to_c", "i->c (fixed)", "tab:green"),
                                              ("delta_c_to_i", "c->i (broken)", "tab:red"))):
@@ -46,7 +70,7 @@ def correction_bars(path: str, rows: dict[str, dict]) -> None:
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("% of problem samples")
     ax.legend()
-    ax.set_title("Self-correction: problems fixed and broken between attempts")
+    ax.set_title("Self-correction: problems fixed and broken\nbetween attempt 1 and attempt 2")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

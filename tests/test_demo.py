@@ -34,7 +34,8 @@ def test_tiny_demo_writes_every_artefact_and_resumes(tmp_path):
         lo, hi = row["ci"]["delta"]
         assert lo <= row["delta"] <= hi
         assert len(row["per_seed"]["delta"]) == 1
-    for png in ("training_rewards.png", "corrections.png"):
+        assert 0.0 <= row["revise"]["revise_if_wrong"] <= 1.0 and 0.0 <= row["revise"]["revise_if_right"] <= 1.0
+    for png in ("training_rewards.png", "corrections.png", "revise_rates.png"):
         assert (wd / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     seed = wd / "seed0"
     for method in demo.METHODS:

@@ -42,10 +42,18 @@ def test_eval_writes_metrics_episodes_and_the_scaling_study(tmp_path, setup):
     for key in ("acc_t1", "acc_t2", "delta", "delta_i_to_c", "delta_c_to_i"):
         assert set(ev[key]) == {"mean", "ci_low", "ci_high", "se"}
     assert 0.0 <= ev["edit_ratio"] <= 1.0
+    # The revise rates, recomputed by hand from the episodes (attempts 1 and 2).
+    lines = [json.loads(ln) for ln in (wd / "episodes.jsonl").read_text().splitlines()]
+    wrong = [x for x in lines if x["correct"][0] == 0]
+    rev_wrong = [x for x in wrong if x["attempts"][1] != x["attempts"][0]]
+    rv = ev["revise"]
+    assert (rv["n_wrong1"], rv["n_revised_wrong"]) == (len(wrong), len(rev_wrong))
+    assert rv["n_right1"] == len(lines) - len(wrong)
+    assert rv["revise_if_wrong"] == pytest.approx(len(rev_wrong) / max(len(wrong), 1))
+    assert rv["fix_if_revised"] == pytest.approx(sum(x["correct"][1] for x in rev_wrong) / max(len(rev_wrong), 1))
     sc = ev["inference_scaling"]
     assert sc["budgets"] == [2, 4] and sc["samples_used"] == {"parallel": [2, 4], "sequential": [2, 4]}
     assert (wd / "inference_scaling.png").read_bytes()[:4] == b"\x89PNG"
-    lines = [json.loads(ln) for ln in (wd / "episodes.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and all(len(x["attempts"]) == 3 for x in lines)
     # The last batch wraps around to fill 4 rows; the extra rows are not counted.
     assert [x["problem"] for x in lines[::2]] == [x["problem"] for x in lines[1::2]]

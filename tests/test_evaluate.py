@@ -83,3 +83,35 @@ def test_table_prints_percent_with_interval_half_widths():
     text = evaluate.table({"base": m})
     assert text.splitlines()[0].startswith("method | ")
     assert "  40.0 ±" in text and "  60.0 ±" in text and "  20.0 ±" in text
+
+
+# Ten hand-made episodes: (y1 correct, y2 correct, y2 != y1).
+_EPISODES = [(0, 0, 0), (0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 1),  # 5 wrong y1: 3 revised, 2 fixed
+             (1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1)]  # 5 right y1: 2 revised, 1 broken
+
+
+def test_revise_rates_by_hand():
+    c1, c2, rev = (np.array(col, np.float64) for col in zip(*_EPISODES))
+    r = evaluate.revise_rates(c1, c2, rev)
+    assert (r["n_wrong1"], r["n_right1"], r["n_revised_wrong"], r["n_revised_right"]) == (5, 5, 3, 2)
+    assert r["revise_if_wrong"] == pytest.approx(3 / 5) and r["revise_if_right"] == pytest.approx(2 / 5)
+    assert r["fix_if_revised"] == pytest.approx(2 / 3) and r["break_if_revised"] == pytest.approx(1 / 2)
+    # The paper's i->c and c->i factor through them (a copied attempt scores the same).
+    m = evaluate.self_correction(np.stack([c1, c2]))
+    assert m["delta_i_to_c"]["mean"] == pytest.approx(0.5 * r["revise_if_wrong"] * r["fix_if_revised"])
+    assert m["delta_c_to_i"]["mean"] == pytest.approx(0.5 * r["revise_if_right"] * r["break_if_revised"])
+
+
+def test_revise_rates_in_jit_equal_numpy_and_empty_conditions_are_zero():
+    import jax
+    import jax.numpy as jnp
+    cols = [np.array(col, np.float32) for col in zip(*_EPISODES)]
+    want = evaluate.revise_rates(*cols)
+    got = jax.jit(evaluate.revise_rates)(*(jnp.asarray(c) for c in cols))
+    assert set(got) == set(want)
+    for k in want:
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-6), k
+    # Every first attempt right and none revised: the wrong-conditioned rates are 0 with count 0.
+    ones, zeros = np.ones(4), np.zeros(4)
+    r = evaluate.revise_rates(ones, ones, zeros)
+    assert (r["n_wrong1"], r["revise_if_wrong"], r["fix_if_revised"], r["revise_if_right"]) == (0, 0, 0, 0)

@@ -58,7 +58,8 @@ def test_stage1_writes_every_artefact(stage1_run):
     m = s["final_metrics"]
     for key in ("reward1", "reward2", "delta", "delta_i_to_c", "delta_c_to_i", "kl1", "kl2", "entropy1", "entropy2",
                 "adv2_mean", "adv2_std", "len1", "len2", "truncated1", "truncated2", "edit_ratio", "grad_norm",
-                "time_sample", "time_reward", "time_learn", "logp_gap"):
+                "time_sample", "time_reward", "time_learn", "logp_gap", "revise_if_wrong", "revise_if_right",
+                "fix_if_revised", "break_if_revised"):
         assert key in m, key
     assert m["stage"] == 1.0 and m["logp_gap"] < 1e-3
     assert (wd / "export" / "_CHECKPOINT_METADATA").exists()

@@ -34,6 +34,8 @@ def aggregate(per_seed: list[dict]) -> dict:
             lo, hi = mean - half, mean + half
         row[key], row["ci"][key], row["per_seed"][key] = mean, [float(lo), float(hi)], values
     row["edit_ratio"] = float(np.mean([s.get("edit_ratio", np.nan) for s in per_seed]))
+    if all("revise" in s for s in per_seed):  # means over seeds of the conditional rates
+        row["revise"] = {k: float(np.mean([s["revise"][k] for s in per_seed])) for k in per_seed[0]["revise"]}
     return row
 
 
@@ -89,6 +91,7 @@ def _plots(workdir: str, rows: dict, methods) -> None:
               for name in ("stage1", "score") if os.path.isdir(os.path.join(root, name))]
     if stages:
         plots.training_rewards(os.path.join(workdir, "training_rewards.png"), stages)
+        plots.training_revise_rates(os.path.join(workdir, "revise_rates.png"), stages)
     plots.correction_bars(os.path.join(workdir, "corrections.png"),
                           {LABELS[m]: {k: _as_ci(rows[m], k) for k in ("delta_i_to_c", "delta_c_to_i")}
                            for m in methods if "delta" in rows[m]})
@@ -101,6 +104,23 @@ def _md_table(rows: dict, methods) -> list[str]:
     for m in methods:
         r = rows[m]
         lines.append(f"| {LABELS[m]} | " + " | ".join(pct(r, k) for k in KEYS) + f" | {r['edit_ratio']:.2f} |")
+    return lines
+
+
+REVISE_LABELS = {"revise_if_wrong": "P(y2 != y1 | y1 wrong)", "revise_if_right": "P(y2 != y1 | y1 right)",
+                 "fix_if_revised": "P(y2 right | y1 wrong, revised)",
+                 "break_if_revised": "P(y2 wrong | y1 right, revised)"}
+
+
+def _md_revise(rows: dict, methods) -> list[str]:
+    """The conditional revise rates of each row (means over seeds, percent)."""
+    shown = [m for m in methods if "revise" in rows[m]]
+    if not shown:
+        return []
+    lines = ["| method | " + " | ".join(REVISE_LABELS.values()) + " |", "|---|" + "---|" * len(REVISE_LABELS)]
+    for m in shown:
+        lines.append(f"| {LABELS[m]} | " + " | ".join(f"{100 * rows[m]['revise'][k]:.1f}" for k in REVISE_LABELS)
+                     + " |")
     return lines
 
 
@@ -140,12 +160,15 @@ def markdown(result: dict, methods, per_seed: dict) -> str:
            f"Evaluation: the first {ev['num_problems']} problems of the held-out toy test split, two attempts. "
            f"Percent of all problem samples; brackets: 95% intervals ({interval}).", "",
            "## Greedy decoding (the paper's protocol)", "", *_md_table(rows, methods), "",
-           "Checks (computed from the numbers above, not tuned):", "", *_md_checks(rows, methods), ""]
+           "Checks (computed from the numbers above, not tuned):", "", *_md_checks(rows, methods), "",
+           "What RL has to move: how often each row revises a wrong and a right first attempt, and what "
+           "its revisions do (greedy, percent; means over seeds):", "", *_md_revise(rows, methods), ""]
     if all("sampled" in rows[m] for m in methods) and se["samples_per_problem"]:
         sampled = {m: rows[m]["sampled"] for m in methods}
         out += [f"## Sampled as in training (temperature {se['temperature']}, {se['samples_per_problem']} "
                 "episodes per problem)", "", *_md_table(sampled, methods), "",
-                "Checks:", "", *_md_checks(sampled, methods), ""]
+                "Checks:", "", *_md_checks(sampled, methods), "", "Revise rates (sampled):", "",
+                *_md_revise(sampled, methods), ""]
     out += ["## Delta per seed (greedy, percent)", "",
             "| method | " + " | ".join(f"seed {i}" for i in range(result["seeds"])) + " |",
             "|---|" + "---|" * result["seeds"]]

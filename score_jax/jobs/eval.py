@@ -85,6 +85,9 @@ def summarize(correct: np.ndarray, gen: dict, num_problems: int, k: int) -> dict
     out = evaluate.self_correction(c)
     if len(gen["texts"]) >= 2:
         out["edit_ratio"] = float(np.mean(_gather(episodes.edit_ratios(gen["texts"][0], gen["texts"][1]))))
+        revised = np.asarray([a != b for a, b in zip(gen["texts"][0], gen["texts"][1])], np.float64)
+        rates = evaluate.revise_rates(_gather(correct[0]), _gather(correct[1]), _gather(revised))
+        out["revise"] = {k: float(v) if k in evaluate.REVISE_KEYS else int(v) for k, v in rates.items()}
     out["mean_length"] = [float(x) for x in _gather(gen["lengths"]).mean(axis=1)]
     out["truncated_fraction"] = [float(x) for x in _gather(gen["truncated"]).mean(axis=1)]
     return out
