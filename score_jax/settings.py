@@ -98,6 +98,7 @@ class TrainConfig:
     init_from: str
     tokenizer: str
     distributed: bool
+    cpu_devices: int
     compilation_cache_dir: str
     loss_chunk: int
 
@@ -197,6 +198,7 @@ class EvalJobConfig:
     task: TaskConfig
     tokenizer: str
     distributed: bool
+    cpu_devices: int
     compilation_cache_dir: str
     eval: EvalConfig
 
@@ -230,6 +232,7 @@ class DemoConfig:
     seed: int
     model_preset: str
     distributed: bool
+    cpu_devices: int
     compilation_cache_dir: str
     pretrain: SFTTrainConfig
     sft: SFTTrainConfig
