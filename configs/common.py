@@ -155,10 +155,6 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""  # a params-only export directory to start from; "" = random init
     c.tokenizer = ""  # a tokenizer file or checkpoint directory; "" = the dataset's own (toy)
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
-    # A CPU host split into this many XLA devices (0 = XLA's default, one device). The toy preset
-    # uses 2: its small matmuls do not spread over cores inside one device, and on a 2-core
-    # machine two data-parallel devices run the RL update 2.1x faster (bench.learner).
-    c.cpu_devices = 2 if model_preset == "toy" else 0
     # Persistent XLA compilation cache: a resumed or repeated run skips recompiling. "" = off.
     c.compilation_cache_dir = os.path.expanduser("~/.cache/score_jax/xla")
     return c

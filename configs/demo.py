@@ -23,7 +23,7 @@ from configs import stage2 as stage2_config
 from score_jax import prompts
 
 # Set by the demo for every sub-job (from the top level, or per run): not keys of the sub-jobs.
-_SET_BY_DEMO = ("job", "seed", "run", "model_preset", "model", "mesh", "task", "distributed", "cpu_devices",
+_SET_BY_DEMO = ("job", "seed", "run", "model_preset", "model", "mesh", "task", "distributed",
                 "compilation_cache_dir")
 
 
@@ -54,7 +54,6 @@ def get_config(arg: str = ""):
     c.distributed = False
     base = common.base(preset)
     c.compilation_cache_dir = base.compilation_cache_dir
-    c.cpu_devices = base.cpu_devices
     c.model, c.mesh, c.data, c.task = base.model, base.mesh, base.data, base.task
     del c.data.seq_len, c.data.sft_fields  # each SFT phase has its own
 
@@ -85,7 +84,7 @@ def get_config(arg: str = ""):
     # as in training (temperature 1, demo.sampled_samples episodes per problem), where the toy
     # base model's slips show.
     c.eval.eval.num_problems = 500
-    c.eval.eval.batch_size = 250  # divides over the toy's 2 CPU devices
+    c.eval.eval.batch_size = 125
 
     c.demo = ml_collections.ConfigDict(dict(
         rows="base,score",  # methods of score_jax/jobs/demo.py METHODS, or "all" (every row, in table order)

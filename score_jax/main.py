@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import typing
 
@@ -88,7 +87,7 @@ def _eval_config(cd):
 # The demo's sub-jobs (configs/demo.py) hold only their own settings; these come from its top
 # level, and the per-run ones (init_from, rl.reference, eval.params, run) are set by the demo.
 _DEMO_SUBS = {"pretrain": "sft", "sft": "sft", "stage1": "stage1", "stage2": "stage2", "eval": "eval"}
-_DEMO_SHARED = ("seed", "model_preset", "model", "mesh", "task", "distributed", "cpu_devices", "compilation_cache_dir")
+_DEMO_SHARED = ("seed", "model_preset", "model", "mesh", "task", "distributed", "compilation_cache_dir")
 _SET_PER_RUN = "(set per run by the demo)"
 
 
@@ -127,7 +126,6 @@ def main(argv):
         raise ConfigError(f"Unknown job {config.job!r}; choose one of {sorted(jobs)}.")
     run, typed = jobs[config.job]
     cfg = typed(config)  # all config errors surface here, before any work
-    _split_cpu(cfg.cpu_devices)  # before anything creates a jax backend
 
     import jax
     if cfg.compilation_cache_dir:
@@ -155,23 +153,6 @@ def main(argv):
             raise
         print(f"Error: {e} (SCORE_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
-
-
-_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
-
-
-def _split_cpu(n: int) -> None:
-    """config.cpu_devices: the host CPU as ``n`` XLA devices (0 = XLA's default, one)."""
-    if n < 0:
-        raise ConfigError(f"cpu_devices={n} must be >= 0 (0 = one CPU device, XLA's default).")
-    flags = os.environ.get("XLA_FLAGS", "")
-    found = _DEVICE_COUNT.search(flags)
-    if n == 0 or (found and int(found.group(1)) == n):
-        return
-    if found:
-        raise ConfigError(f"XLA_FLAGS sets --xla_force_host_platform_device_count={found.group(1)} but "
-                          f"config.cpu_devices={n}; drop one of them (--config.cpu_devices=0 leaves the count to XLA_FLAGS).")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def _parse_flags(argv):

@@ -98,7 +98,6 @@ class TrainConfig:
     init_from: str
     tokenizer: str
     distributed: bool
-    cpu_devices: int
     compilation_cache_dir: str
     loss_chunk: int
 
@@ -198,7 +197,6 @@ class EvalJobConfig:
     task: TaskConfig
     tokenizer: str
     distributed: bool
-    cpu_devices: int
     compilation_cache_dir: str
     eval: EvalConfig
 
@@ -232,7 +230,6 @@ class DemoConfig:
     seed: int
     model_preset: str
     distributed: bool
-    cpu_devices: int
     compilation_cache_dir: str
     pretrain: SFTTrainConfig
     sft: SFTTrainConfig

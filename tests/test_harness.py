@@ -31,7 +31,7 @@ def train_cfg(**kw) -> settings.TrainConfig:
     task = settings.TaskConfig(reward="toy", chat_template="toy", prompt_template="{prompt}", correction="again")
     base = dict(job="sft", seed=0, run=0, model_preset="test", model=CFG, mesh=MESH_CFG, data=data, task=task,
                 optim=opt, checkpoint=checkpoints.CheckpointConfig(every_steps=2, keep=10, async_save=False),
-                batch_size=8, total_steps=5, log_every=2, init_from="", tokenizer="", distributed=False, cpu_devices=0,
+                batch_size=8, total_steps=5, log_every=2, init_from="", tokenizer="", distributed=False,
                 compilation_cache_dir="", loss_chunk=0)
     return settings.TrainConfig(**{**base, **kw})
 

@@ -178,16 +178,3 @@ def test_relative_workdir(tmp_path, data_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     assert _summary(tmp_path / "rel" / "run")["step"] == 4
     assert _complete_steps(tmp_path / "rel" / "run") == [2, 4]
-
-
-@pytest.mark.slow
-def test_cpu_devices_splits_the_host_and_a_conflicting_xla_flag_is_refused(tmp_path):
-    data_dir = tmp_path / "tfds"
-    p = _run(tmp_path / "a", data_dir, "--config.total_steps=2", "--config.cpu_devices=2",
-             "--config.checkpoint.every_steps=0")
-    assert "Mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 devices" in p.stderr
-    env = dict(_env(), XLA_FLAGS=conftest.FAST_COMPILE_FLAGS + " --xla_force_host_platform_device_count=4")
-    bad = subprocess.run(_cmd(tmp_path / "b", data_dir, "--config.cpu_devices=2"), cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "device_count=4 but config.cpu_devices=2" in bad.stderr, bad.stderr[-2000:]
-    assert "Traceback" not in bad.stderr and not (tmp_path / "b" / "checkpoints").exists()
