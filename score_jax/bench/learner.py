@@ -7,9 +7,12 @@ Prints one JSON object:
     64 prompt + 2 x 128 response tokens: ``tokens_per_s`` and ``mfu`` = model FLOP/s over the
     matmul peak measured in the same run (``common.matmul_peak_flops``, before and after the
     update; the higher of the two);
-  * the wall-time split of a real toy RL step (``score_jax.jobs.rl`` on the toy task for a few
-    steps, from a randomly initialised toy model): ``toy_step`` = mean seconds of sampling,
-    rewards and learning, from the job's own metrics.
+  * a real toy RL step (``score_jax.jobs.rl`` stage 2 on the toy task for a few steps, from a
+    randomly initialised toy model, so every attempt runs to max_new_tokens): ``toy_step`` =
+    per CPU device count (``--toy_devices``, default 1 = XLA's default and 2 = the toy preset's
+    ``cpu_devices``), each in its own process in this run, the mean seconds of sampling,
+    rewards and learning from the job's own metrics, whole-step ``episodes_per_s``, and the
+    ``speedup`` over the first count.
 
 Model FLOPs count matmuls and attention (no causal discount): per token, the policy's forward
 and backward cost 6 x (matmul parameters) + 12 x layers x heads x head_dim x T and the
@@ -23,6 +26,8 @@ import contextlib
 import json
 import os
 import pathlib
+import re
+import subprocess
 import sys
 import tempfile
 
@@ -88,7 +93,8 @@ def update_tokens_per_s(cfg: model.ModelConfig, episodes: int, prompt: int, new:
 
 
 def toy_step_split(steps: int) -> dict:
-    """Runs the real stage2 job on the toy task for ``steps`` steps; mean time split per step."""
+    """Runs the real stage2 job on the toy task for ``steps`` steps in this process (its devices);
+    mean time split per step and whole-step episodes per second."""
     from configs import stage2 as stage2_config
     from score_jax import main as main_lib
     from score_jax.jobs import rl
@@ -111,8 +117,26 @@ def toy_step_split(steps: int) -> dict:
             rows = [json.loads(line) for line in f][1:]  # the first step includes compilation
     split = {k: float(np.mean([r[k] for r in rows])) for k in ("time_sample", "time_reward", "time_learn")}
     total = sum(split.values())
+    rows_per_step = cfg.batch_size * cfg.rl.sampling.samples_per_prompt
     return {"seconds": split, "fraction": {k: v / total for k, v in split.items()}, "steps_timed": len(rows),
-            "rows_per_step": cfg.batch_size * cfg.rl.sampling.samples_per_prompt}
+            "rows_per_step": rows_per_step, "episodes_per_s": rows_per_step / total, "devices": jax.device_count()}
+
+
+def toy_step_peers(steps: int, device_counts: tuple[int, ...]) -> dict:
+    """``toy_step_split`` in one subprocess per CPU device count, one after the other in this run
+    (1 = XLA's default, the toy's configuration before config.cpu_devices)."""
+    out = {}
+    for n in device_counts:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n}".strip())
+        p = subprocess.run([sys.executable, "-m", "score_jax.bench.learner", "--toy_only", f"--toy_steps={steps}"],
+                           env=env, capture_output=True, text=True, check=False)
+        if p.returncode:
+            raise RuntimeError(f"toy step with {n} devices failed:\n{p.stderr[-2000:]}")
+        out[f"devices_{n}"] = json.loads(p.stdout)
+    first = out[f"devices_{device_counts[0]}"]["episodes_per_s"]
+    out["speedup"] = {k: v["episodes_per_s"] / first for k, v in out.items()}
+    return out
 
 
 def main(argv=None):
@@ -123,7 +147,14 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--toy_steps", type=int, default=6)
+    p.add_argument("--toy_devices", default="1,2", help="CPU device counts of the toy-step peers")
+    p.add_argument("--toy_only", action="store_true", help="only the toy step, in this process (JSON)")
     args = p.parse_args(argv)
+    if args.toy_only:
+        with contextlib.redirect_stdout(sys.stderr):
+            split = toy_step_split(args.toy_steps)
+        common.print_json(split)
+        return
     cfg = model.ModelConfig(**model_presets.get(args.preset).to_dict())
     common.progress("measuring the matmul peak")
     peak = common.matmul_peak_flops()
@@ -139,8 +170,7 @@ def main(argv=None):
            "mfu": upd["tokens_per_s"] * upd["model_flops_per_token"] / peak}
     if args.toy_steps > 1:
         common.progress(f"timing {args.toy_steps} toy RL steps (sampling / rewards / learning)")
-        with contextlib.redirect_stdout(sys.stderr):  # the job's progress lines; stdout is the JSON
-            out["toy_step"] = toy_step_split(args.toy_steps)
+        out["toy_step"] = toy_step_peers(args.toy_steps, tuple(int(n) for n in args.toy_devices.split(",")))
     common.print_json(out)
 
 

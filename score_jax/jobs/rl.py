@@ -86,7 +86,8 @@ def rl_step(state, step: int, *, batches, roll, reference, score, updates: dict,
     local = next(batches)
     t0 = time.perf_counter()
     out, episode = roll(state["params"], local, step)
-    ref_lp = reference(episode)
+    ref_lp = reference(episode)  # queued behind the sampler; runs while the host scores
+    jax.block_until_ready([t["lengths"] for t in out["turns"]])  # the host needs them next anyway
     t1 = time.perf_counter()
     texts, host = score(out, local)
     t2 = time.perf_counter()
