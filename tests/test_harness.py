@@ -172,6 +172,9 @@ def test_new_run_then_resume(tmp_path, mesh):
     _leaves_equal(out2.state, want)
     assert [r["step"] for r in _rows(workdir)] == [2, 4, 5]  # the resumed writer keeps rows <= its start
     assert checkpoints.saved_steps(workdir) == [2, 4, 5]
+    # Finishing again (a crash between the last checkpoint and summary.json) keeps the final metrics.
+    with harness.Run(cfg, workdir, tx, mesh) as run:
+        assert run.finish(out2, note="hello") == summary
 
 
 def test_resume_continues_from_a_mid_run_checkpoint(tmp_path, mesh):

@@ -119,11 +119,18 @@ class Run:
         if out.stopped_early:
             return {"step": out.step, "stopped_early": True}
         checkpoints.export_params(os.path.join(self.workdir, checkpoints.EXPORT_DIR), out.state["params"])
-        summary = {"step": out.step, "final_metrics": out.metrics, "stopped_early": False,
+        final = out.metrics or self._logged_at(out.step)  # resumed at the end: no step ran here
+        summary = {"step": out.step, "final_metrics": final, "stopped_early": False,
                    "params_sha256": checkpoints.params_digest(out.state["params"]),
                    "num_params": model.num_params(self.cfg.model), **more}
         metrics.write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary
+
+
+    def _logged_at(self, step: int) -> dict:
+        """The metrics.jsonl row of ``step`` (without its step), or {}."""
+        rows = [r for r in metrics.read_jsonl(os.path.join(self.workdir, metrics.METRICS_FILE)) if r["step"] == step]
+        return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def _fmt(identity: dict) -> str:
