@@ -10,46 +10,34 @@ from matplotlib import pyplot as plt  # noqa: E402
 
 def training_rewards(path: str, stages: list[tuple[str, list[dict]]]) -> None:
     """Reward at t1 and t2 (per logged step, from metrics.jsonl rows) over consecutive stages."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for name, rows in stages:
-        if not rows:
-            continue
-        steps = [offset + r["step"] for r in rows]
-        ax.plot(steps, [r["reward1"] for r in rows], color="tab:blue", label=f"{name}: reward at t1")
-        ax.plot(steps, [r["reward2"] for r in rows], color="tab:orange", linestyle="--",
-                label=f"{name}: reward at t2")
-        offset = steps[-1]
-        ax.axvline(offset, color="grey", linewidth=0.5)
-    ax.set_xlabel("training step (Stage I, then Stage II)")
-    ax.set_ylabel("training-batch reward")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.set_title("SCoRe on the toy task: rewards during training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _over_stages(path, stages, (("reward1", "reward at t1"), ("reward2", "reward at t2")),
+                 "training-batch reward", "SCoRe on the toy task: rewards during training")
 
 
 def training_revise_rates(path: str, stages: list[tuple[str, list[dict]]]) -> None:
     """P(y2 != y1 | y1 wrong) and P(y2 != y1 | y1 right) (metrics.jsonl rows) over consecutive stages."""
+    _over_stages(path, stages, (("revise_if_wrong", "revises a wrong y1"), ("revise_if_right", "revises a right y1")),
+                 "fraction of training episodes", "When does the policy revise? (training batches)")
+
+
+def _over_stages(path: str, stages: list[tuple[str, list[dict]]], series, ylabel: str, title: str) -> None:
+    """Two metrics.jsonl series (key, label) per stage, the stages one after another on the x axis."""
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
     for name, rows in stages:
-        rows = [r for r in rows if "revise_if_wrong" in r]
+        rows = [r for r in rows if all(key in r for key, _ in series)]
         if not rows:
             continue
         steps = [offset + r["step"] for r in rows]
-        ax.plot(steps, [r["revise_if_wrong"] for r in rows], color="tab:green", label=f"{name}: revises a wrong y1")
-        ax.plot(steps, [r["revise_if_right"] for r in rows], color="tab:red", linestyle="--",
-                label=f"{name}: revises a right y1")
+        for (key, label), color, style in zip(series, ("tab:blue", "tab:orange"), ("-", "--")):
+            ax.plot(steps, [r[key] for r in rows], color=color, linestyle=style, label=f"{name}: {label}")
         offset = steps[-1]
         ax.axvline(offset, color="grey", linewidth=0.5)
     ax.set_xlabel("training step (Stage I, then Stage II)")
-    ax.set_ylabel("fraction of training episodes")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    ax.set_title("When does the policy revise? (training batches)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
