@@ -15,3 +15,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The toy sentencepiece tokenizer (digits one per token), trained on a small toy corpus
+    (a module's own ``tok`` fixture takes precedence)."""
+    from score_jax import chat, tokenizer
+    from score_jax.data import toy
+    exs = toy.examples(seed=3, train_size=100, test_size=10)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    tokenizer.train_sentencepiece(toy.tokenizer_corpus(exs["train"]), path, vocab_size=256,
+                                  user_symbols=chat.TOY.special_pieces, required_chars=toy.PRINTABLE_ASCII)
+    return tokenizer.load(path)

@@ -9,18 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import chat, episodes, sharding, tokenizer
-from score_jax.data import toy
+from score_jax import chat, episodes, sharding
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    """The toy sentencepiece tokenizer (digits one per token), trained on a small toy corpus."""
-    exs = toy.examples(seed=3, train_size=100, test_size=10)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    tokenizer.train_sentencepiece(toy.tokenizer_corpus(exs["train"]), path, vocab_size=256,
-                                  user_symbols=chat.TOY.special_pieces, required_chars=toy.PRINTABLE_ASCII)
-    return tokenizer.load(path)
 
 
 # ----------------------------------------------------------------------------- local_rows

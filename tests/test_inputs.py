@@ -8,18 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from score_jax import chat, rewards, sampler, settings, tokenizer
-from score_jax.data import toy
+from score_jax import chat, rewards, sampler, settings
 from score_jax.jobs import inputs
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    exs = toy.examples(seed=3, train_size=100, test_size=10)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    tokenizer.train_sentencepiece(toy.tokenizer_corpus(exs["train"]), path, vocab_size=256,
-                                  user_symbols=chat.TOY.special_pieces, required_chars=toy.PRINTABLE_ASCII)
-    return tokenizer.load(path)
 
 
 CORRECTION = "Check it and answer again."
