@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from score_jax import chat
-from score_jax import data
+from score_jax import data, prompts
 from score_jax import tokenizer
 from score_jax.data import toy
 from score_jax.rewards import toy as toy_reward_lib
@@ -58,11 +58,13 @@ def _record_files(builder):
 def test_builder_identity(builds):
     builder = builds[0]
     assert builder.name == "toy_arithmetic"
-    assert str(builder.version) == "1.2.0"
+    assert str(builder.version) == "2.0.0"
     assert set(builder.info.features) == {"prompt", "response", "answer", "attempt1", "attempt2"}
     assert builder.info.splits["train"].num_examples == TRAIN
     assert builder.info.splits["test"].num_examples == TEST
+    assert builder.info.splits["dev"].num_examples == toy.DEFAULT_DEV_SIZE
     assert _record_files(builder) == [
+        "toy_arithmetic-dev.array_record-00000-of-00001",
         "toy_arithmetic-test.array_record-00000-of-00001",
         "toy_arithmetic-train.array_record-00000-of-00001",
     ]
@@ -100,11 +102,12 @@ def test_different_seed_differs(builds):
 def test_splits_disjoint_and_test_unique(builds):
     train = [r["prompt"] for r in _records(builds[0], "train")]
     test = [r["prompt"] for r in _records(builds[0], "test")]
-    assert len(set(test)) == len(test)
-    assert not set(train) & set(test)
+    dev = [r["prompt"] for r in _records(builds[0], "dev")]
+    assert len(set(test)) == len(test) and len(set(dev)) == len(dev)
+    assert not set(train) & set(test) and not set(train) & set(dev) and not set(dev) & set(test)
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "test", "dev"])
 def test_answers_are_true_results(builds, split):
     ops = set()
     for r in _records(builds[0], split):
@@ -116,17 +119,24 @@ def test_answers_are_true_results(builds, split):
         assert r["response"].splitlines()[-1] == f"Answer: {truth}"
         assert toy_reward_lib.toy_reward(r["response"], r["answer"])
         assert not toy_reward_lib.toy_reward(r["response"], str(truth + 1))
-    assert ops == {"+", "-", "*"}
+    assert ops == set(toy.PROBLEM_OPS) == {"+", "-"}
 
 
 def test_examples_fit_token_budget(builds):
     tok = tokenizer.load(builds[0].data_dir)
-    for split in ("train", "test"):
+    # The toy configs' lengths: configs/sft.py seq_len 64 (single turn), configs/demo.py's base
+    # SFT seq_len 152 (two turns), configs/tasks.py max_prompt_len 16 and max_new_tokens 56.
+    for split in ("train", "test", "dev"):
         for r in _records(builds[0], split):
-            text = chat.TOY.first_prompt(r["prompt"]) + chat.TOY.response(r["response"])
+            prompt = chat.TOY.first_prompt(r["prompt"])
+            text = prompt + chat.TOY.response(r["response"])
             ids = tok.encode(text)
-            assert len(ids) <= 100
+            assert len(ids) <= 64 and len(tok.encode(prompt)) <= 16
             assert tok.decode(ids) == text
+            for attempt in (r["response"], r["attempt1"], r["attempt2"]):
+                assert len(tok.encode(attempt)) < 56
+            episode = chat.render_episode(chat.TOY, r["prompt"], [r["attempt1"], r["attempt2"]], prompts.TOY_CORRECTION)
+            assert len(tok.encode(episode)) <= 152
 
 
 def test_prepare_is_idempotent(builds):
@@ -179,21 +189,30 @@ def test_slips_change_one_line_and_the_answer_consistently():
 
 
 def test_base_attempts_revise_without_knowing_when():
-    exs = toy.examples(seed=5, train_size=6000, test_size=10)["train"]
+    exs = toy.examples(seed=5, train_size=6000, test_size=10, dev_size=10)["train"]
+    probs = [tuple(_PROMPT.match(e["prompt"]).groups()) for e in exs]
+    probs = [(op, int(a), int(b)) for a, op, b in probs]
     right1 = np.array([toy_reward_lib.toy_reward(e["attempt1"], e["answer"]) for e in exs]).astype(bool)
     right2 = np.array([toy_reward_lib.toy_reward(e["attempt2"], e["answer"]) for e in exs]).astype(bool)
     copies = np.array([e["attempt1"] == e["attempt2"] for e in exs])
-    c, s = toy.DEFAULT_COPY_RATE, toy.DEFAULT_SLIP_RATE
-    assert abs((1 - right1.mean()) - s) < 0.03
-    assert abs(copies.mean() - c) < 0.03  # a revision always changes attempt 1
-    # A revision fixes every slipped first attempt and breaks every correct one: whether it
-    # revises does not depend on attempt 1 being right, so breaking outweighs fixing.
+    can_slip = np.array([toy.slip_column(*p) is not None for p in probs])
+    odd = np.array([toy.revises(p[1]) for p in probs]).astype(bool)
+    # Attempt 1 slips only where a column takes a carry / borrow of 1, at the slip rate there.
+    assert right1[~can_slip].all()
+    assert abs((1 - right1[can_slip].mean()) - toy.DEFAULT_SLIP_RATE) < 0.03
+    # The slip forgets the carry / borrow in the first such column: one written line changes.
+    for e, p, r1 in zip(exs[:400], probs, right1):
+        if not r1:
+            assert e["attempt1"] == toy.solve(*p, (toy.slip_column(*p), toy.SLIP_DELTA[p[0]]))[1]
+    # Attempt 2 revises at a rate set by the tens digit of a, not by attempt 1 being right.
+    lo, hi = toy.REVISE_RATES
+    assert abs((~copies[odd]).mean() - hi) < 0.03 and abs((~copies[~odd]).mean() - lo) < 0.03
+    assert abs((~copies[right1]).mean() - (~copies[~right1]).mean()) < 0.05
+    # A revision fixes every slipped first attempt and breaks every correct one.
     assert (right2[~right1 & ~copies]).all() and not right2[right1 & ~copies].any()
-    fixed, broken = (~right1 & right2).mean(), (right1 & ~right2).mean()
-    assert abs(fixed - (1 - c) * s) < 0.02 and abs(broken - (1 - c) * (1 - s)) < 0.02
-    assert abs(copies[right1].mean() - copies[~right1].mean()) < 0.05
-    # A revision of a correct attempt differs from it in exactly one written line (and the answer).
+    assert (~right1 & right2).mean() < (right1 & ~right2).mean()  # Delta < 0
+    # A revision of a correct attempt differs from it in the last column's line and the answer.
     for e, r1, same in zip(exs[:300], right1, copies):
         if r1 and not same:
             diff = [x != y for x, y in zip(e["attempt1"].splitlines(), e["attempt2"].splitlines())]
-            assert 1 <= sum(diff[:-1]) <= 2 and diff[-1]
+            assert sum(diff[:-1]) == 1 and diff[-2] and diff[-1]

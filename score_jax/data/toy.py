@@ -1,31 +1,33 @@
 """The CPU toy task: integer arithmetic with short step-by-step solutions, as a TFDS builder.
 
 Each example is a dict of five texts:
-    prompt   "What is 347 + 85?"
-    response "7+5=12, write 2 carry 1\n4+8+1=13, write 3 carry 1\n3+0+1=4, write 4\nAnswer: 432"
-    answer   "432"
+    prompt   "What is 47 + 85?"
+    response "7+5=12, write 2 carry 1\n4+8+1=13, write 13\nAnswer: 132"
+    answer   "132"
     attempt1, attempt2   the toy base model's two attempts (its two-turn SFT targets): attempt 1
-             slips once with probability 0.3 ("4+8+1=14, write 4 carry 1" ... "Answer: 442"),
-             attempt 2 copies it or revises it, fixing a slip or slipping (see `attempts`)
+             forgets the carry / borrow of 1 in its first such column with probability 0.85
+             ("4+8+1=12, write 12" ... "Answer: 122"); attempt 2 copies it or revises it,
+             fixing a slip or slipping, independently of attempt 1 being right (see `attempts`)
 
-Problems are drawn in equal shares: addition and subtraction of two 2-3 digit numbers (results
-may be negative), and multiplication of a 2-3 digit number by a digit 2-9. (Train holds a few
-percent fewer multiplications than test: the 2-digit by 1-digit space has only 720 problems,
-and those in test are excluded from train.) The solution works one
-place value at a time (ones first) and its last line is exactly `Answer: <integer>` (the format
-of score_jax/rewards/toy.py, which scores it). Short
-two-digit problems are easy and three-digit ones with carries or borrows are harder, so a
-few-million-parameter model learns the task in minutes but stays imperfect.
+Problems (since 2.0.0) are addition and subtraction of two 2-digit numbers in equal shares
+(results may be negative); `solve` also writes 2-3 digit problems and multiplication by a
+digit, which the builder no longer draws. The solution works one place value at a time (ones
+first) and its last line is exactly `Answer: <integer>` (the format of
+score_jax/rewards/toy.py, which scores it). A ~1M-parameter model pre-trained for a
+few minutes gets ~98% of them right, so the base model's first-attempt errors are its taught
+slips, which it can see (one line) and fix.
 
 Everything is generated offline from a seed: the same seed and sizes give byte-identical
-array_record files. Test problems are distinct from each other, and no train problem appears
-in test. Building also trains the toy sentencepiece tokenizer on the train split and stores it
-as `tokenizer.model` in the dataset's directory, next to the array_record files.
+array_record files. Test and dev problems are each distinct, no problem is in both, and no
+train problem appears in test or dev. Building also trains the toy sentencepiece tokenizer on
+the train split and stores it as `tokenizer.model` in the dataset's directory, next to the
+array_record files.
 """
 
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -42,8 +44,14 @@ DEFAULT_SEED = 0
 DEFAULT_TRAIN_SIZE = 20_000
 DEFAULT_TEST_SIZE = 2_000
 DEFAULT_VOCAB_SIZE = 256
-DEFAULT_SLIP_RATE = 0.3  # the base model's attempts: see `attempts`
-DEFAULT_COPY_RATE = 0.5
+DEFAULT_DEV_SIZE = 1_000  # since 2.0.0: a dev split, distinct from train and test
+# The base model's attempts (see `attempts`): attempt 1 forgets the carry / borrow in the
+# first column that takes exactly 1 with probability SLIP_RATE; attempt 2 revises with
+# probability REVISE_RATES[tens digit of a is odd], else copies attempt 1.
+DEFAULT_SLIP_RATE = 0.85
+REVISE_RATES = (0.2, 0.8)
+# The one-line slip of each operator ("forgot the carry / borrow"): the column's result is off by this.
+SLIP_DELTA = {"+": -1, "-": 1, "*": -1}
 
 # Characters the toy tokenizer always holds, so printable ASCII text encodes losslessly.
 PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))  # Space is always a piece.
@@ -151,79 +159,116 @@ def solve(op: str, a: int, b: int, slip: Slip = None) -> tuple[str, str, str]:
     return f"What is {a} {op} {b}?", "\n".join(lines), str(result)
 
 
-def attempts(op: str, a: int, b: int, rng: np.random.Generator, slip_rate: float,
-             copy_rate: float) -> tuple[str, str]:
+def carry_in_lines(op: str, a: int, b: int) -> list[int]:
+    """Columns of `a op b`'s solution whose expression takes a carry or borrow of exactly 1
+    (`4+8+1=13`, `15-1-7=7`, `4*6+1=25`): where the toy base model's attempt 1 slips."""
+    lines = solve(op, a, b)[1].splitlines()
+    if lines[0].startswith(f"{min(a, b)}<"):
+        lines = lines[1:]
+    return [i for i, line in enumerate(lines[:columns(op, a, b)])
+            if re.match(r"^(\d+[+*]\d+\+1|\d+-1-\d+)=", line)]
+
+
+def slip_column(op: str, a: int, b: int) -> int | None:
+    """The first column that takes a carry / borrow of exactly 1, or None."""
+    cols = carry_in_lines(op, a, b)
+    return cols[0] if cols else None
+
+
+def revises(a: int) -> int:
+    """1 iff the tens digit of `a` is odd: the base's attempt 2 then revises with probability
+    REVISE_RATES[1], else REVISE_RATES[0]. Independent of whether attempt 1 is right."""
+    return (a // 10) % 2
+
+
+def attempts(op: str, a: int, b: int, rng: np.random.Generator, slip_rate: float = DEFAULT_SLIP_RATE,
+             revise_rates: tuple[float, float] = REVISE_RATES) -> tuple[str, str]:
     """Two attempts at `a op b` as the toy *base* model should make them (its SFT targets).
 
-    Attempt 1 makes one slip with probability `slip_rate`. Attempt 2 copies attempt 1 with
-    probability `copy_rate`; otherwise it revises it: a slipped attempt 1 is corrected (the
-    true solution), a correct one is changed by a new slip. So the base model knows how to
-    find and fix a slip, but revises without knowing whether it should: it breaks correct
-    first attempts more often than it fixes wrong ones (with the defaults, 35% of all
-    attempts broken against 15% fixed, Delta = -20 points). That is the situation SCoRe
-    starts from (the paper's base model fixes 4.6% and breaks 15.8% of MATH500); learning
-    when to revise is what RL must add.
+    Attempt 1 is a careless solver with a habit: in the first column that takes a carry or
+    borrow of exactly 1 it forgets it with probability `slip_rate` (the line shows it:
+    `4+8+1=12`), and the rest follows consistently. The slip is a function of the problem
+    (greedy decoding reproduces it), so the base's greedy and sampled first attempts agree.
+    Attempt 2 revises with a probability that depends on the tens digit of `a` (see
+    `revises`), not on attempt 1 being right, and otherwise copies attempt 1. A revision
+    writes the true solution, so it fixes a slipped attempt 1 and, when attempt 1 was right,
+    slips in the last column instead. So the base can see and fix its slips (one line to
+    check) but revises without knowing when, and breaks more than it fixes when most first
+    attempts are right: learning *when* to revise is what RL must add, while RL that only
+    rewards attempt 1 can also just stop slipping (the paper's collapse).
     """
-    def slipped() -> str:
-        slip = (int(rng.integers(columns(op, a, b))), int(rng.choice((-1, 1))))
-        return solve(op, a, b, slip)[1]
-
     right = solve(op, a, b)[1]
-    first = slipped() if rng.random() < slip_rate else right
-    if rng.random() < copy_rate:
+    col = slip_column(op, a, b)
+    first = right
+    if col is not None and rng.random() < slip_rate:
+        first = solve(op, a, b, (col, SLIP_DELTA[op]))[1]
+    if rng.random() >= revise_rates[revises(a)]:
         return first, first
-    return first, right if first != right else slipped()
+    if first != right:
+        return first, right
+    return first, solve(op, a, b, (columns(op, a, b) - 1, SLIP_DELTA[op]))[1]
+
+
+# Since 2.0.0 the problems are + and - of two 2-digit numbers: a few-minute toy model gets them
+# near-perfect (multiplication, 2-3 digits by a digit, stayed at 32-57% greedy after 500 steps).
+PROBLEM_OPS = ("+", "-")
 
 
 def _sample_problem(rng: np.random.Generator) -> tuple[str, int, int]:
-    op = _OPS[rng.integers(len(_OPS))]
-    ndigits_a = int(rng.integers(2, 4))
-    a = int(rng.integers(10 ** (ndigits_a - 1), 10**ndigits_a))
-    if op == "*":
-        b = int(rng.integers(2, 10))
-    else:
-        ndigits_b = int(rng.integers(2, 4))
-        b = int(rng.integers(10 ** (ndigits_b - 1), 10**ndigits_b))
+    op = PROBLEM_OPS[rng.integers(len(PROBLEM_OPS))]
+    a, b = int(rng.integers(10, 100)), int(rng.integers(10, 100))
     return op, a, b
 
 
-def problems(seed: int, train_size: int, test_size: int) -> dict[str, list[tuple[str, int, int]]]:
-    """Returns {"train": [...], "test": [...]} lists of (op, a, b), deterministic in all args.
-
-    Test problems are drawn first and are unique; train problems may repeat but never
-    appear in test.
-    """
-    test_rng = np.random.default_rng([seed, 0])
-    test, seen = [], set()
-    for _ in range(100 * test_size + 1000):
-        if len(test) == test_size:
-            break
-        p = _sample_problem(test_rng)
+def _distinct(rng: np.random.Generator, size: int, seen: set, what: str) -> list[tuple[str, int, int]]:
+    out = []
+    for _ in range(100 * size + 1000):
+        if len(out) == size:
+            return out
+        p = _sample_problem(rng)
         if p not in seen:
             seen.add(p)
-            test.append(p)
-    else:
-        raise ValueError(f"Could not draw {test_size} distinct test problems; use a smaller test_size.")
+            out.append(p)
+    raise ValueError(f"Could not draw {size} distinct {what} problems; use a smaller size.")
+
+
+def problems(seed: int, train_size: int, test_size: int,
+             dev_size: int = DEFAULT_DEV_SIZE) -> dict[str, list[tuple[str, int, int]]]:
+    """Returns {"train": [...], "test": [...], "dev": [...]} lists of (op, a, b), deterministic
+    in all args.
+
+    Test problems are drawn first and are unique, then dev problems (unique, none in test:
+    held out from training for choosing hyperparameters); train problems may repeat but never
+    appear in test or dev.
+    """
+    seen: set = set()
+    test = _distinct(np.random.default_rng([seed, 0]), test_size, seen, "test")
+    dev = _distinct(np.random.default_rng([seed, 3]), dev_size, seen, "dev") if dev_size else []
     train_rng = np.random.default_rng([seed, 1])
     train = []
     while len(train) < train_size:
         p = _sample_problem(train_rng)
         if p not in seen:
             train.append(p)
-    return {"train": train, "test": test}
+    out = {"train": train, "test": test}
+    if dev_size:
+        out["dev"] = dev
+    return out
 
 
 def examples(seed: int, train_size: int, test_size: int, slip_rate: float = DEFAULT_SLIP_RATE,
-             copy_rate: float = DEFAULT_COPY_RATE) -> dict[str, list[dict[str, str]]]:
-    """Returns {"train": [...], "test": [...]} lists of {"prompt", "response", "answer",
-    "attempt1", "attempt2"} dicts: the correct solution, and two attempts (see `attempts`)."""
+             revise_rates: tuple[float, float] = REVISE_RATES,
+             dev_size: int = DEFAULT_DEV_SIZE) -> dict[str, list[dict[str, str]]]:
+    """Returns {"train": [...], "test": [...], "dev": [...]} lists of {"prompt", "response",
+    "answer", "attempt1", "attempt2"} dicts: the correct solution, and two attempts (see
+    `attempts`)."""
     out = {}
-    for stream, (split, ps) in enumerate(problems(seed, train_size, test_size).items()):
+    for stream, (split, ps) in enumerate(problems(seed, train_size, test_size, dev_size).items()):
         rng = np.random.default_rng([seed, 2, stream])
         rows = []
         for p in ps:
             row = dict(zip(("prompt", "response", "answer"), solve(*p)))
-            row["attempt1"], row["attempt2"] = attempts(*p, rng, slip_rate, copy_rate)
+            row["attempt1"], row["attempt2"] = attempts(*p, rng, slip_rate, revise_rates)
             rows.append(row)
         out[split] = rows
     return out
@@ -295,13 +340,21 @@ class ToyArithmetic(tfds.core.GeneratorBasedBuilder):
     # only for Python < 3.9; naming the file here skips that lookup.
     code_path = epath.Path(__file__)
     # The slip and copy rates are constants of a version: change them only with a new version.
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {"1.0.0": "Addition, subtraction, 2-3 digit by 1 digit multiplication.",
                      "1.1.0": "attempt1 / attempt2: the toy base model's two attempts (slip rate "
-                              f"{DEFAULT_SLIP_RATE}, copy rate {DEFAULT_COPY_RATE}; attempt 2 copies "
+                              "0.3, copy rate 0.5; attempt 2 copies "
                               "or re-solves independently).",
                      "1.2.0": "attempt 2 copies or revises: fixes a slipped attempt 1, slips in a "
-                              "correct one (see `attempts`)."}
+                              "correct one (see `attempts`).",
+                     "2.0.0": "Addition and subtraction of two 2-digit numbers only (no "
+                              "multiplication), so a pre-trained toy model is near-perfect; attempt 1 forgets the carry / borrow of 1 in its "
+                              f"first such column with probability {DEFAULT_SLIP_RATE} (a function "
+                              "of the problem, so greedy slips too); attempt 2 revises with "
+                              f"probability {REVISE_RATES[1]} when the tens digit of a is odd, "
+                              f"{REVISE_RATES[0]} otherwise, fixing a slip or slipping in the "
+                              "last column (see `attempts`). A dev split of "
+                              f"{DEFAULT_DEV_SIZE} problems, in neither train nor test."}
     BUILDER_CONFIGS = [
         make_config(DEFAULT_SEED, DEFAULT_TRAIN_SIZE, DEFAULT_TEST_SIZE, DEFAULT_VOCAB_SIZE)
     ]
