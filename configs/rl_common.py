@@ -70,7 +70,6 @@ def base(job: str, arg: str):
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 5
         c.checkpoint.every_steps = 25
-        c.rl.sampling.max_new_tokens = 72  # toy solutions are at most 70 tokens
         return c
     paper = PAPER["code" if t.reward == "code" else "math"]
     c.rl.reference = c.tokenizer = os.path.join("checkpoints", preset)

@@ -39,8 +39,8 @@ def toy() -> ml_collections.ConfigDict:
     return _task(
         dataset="toy_arithmetic", train_split="train", eval_split="test", reward="toy",
         prompt_template=prompts.TOY_PROMPT, correction=prompts.TOY_CORRECTION, manual_dir="",
-        max_prompt_len=24,  # toy prompts are at most 17 tokens with their markers
-        max_new_tokens=96,  # a whole toy example is at most 87 tokens (configs/sft.py)
+        max_prompt_len=16,  # toy_arithmetic 2.0.0 prompts are at most 13 tokens with their markers
+        max_new_tokens=56,  # its solutions are at most 48 tokens (tests/test_data_toy.py)
     )
 
 
