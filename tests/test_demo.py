@@ -194,3 +194,34 @@ def test_no_two_runs_of_the_table_share_a_sampling_key_or_a_data_order():
             assert s not in data_seeds, f"{path} has {data_seeds.get(s)}'s data order"
             data_seeds[s] = path
     assert len(data_seeds) == 10 + 2 * 8
+
+
+def test_rows_trained_from_the_base_get_scores_whole_rl_budget():
+    cfg = _table()
+    steps = {p: c.total_steps for p, c in demo.plan(cfg, "runs/table") if hasattr(c, "total_steps")}
+    s1, s2 = cfg.stage1.total_steps, cfg.stage2.total_steps
+    assert steps["seed1/stage1"] == s1 and steps["seed1/score"] == s2 and steps["seed1/no_shaping"] == s2
+    assert steps["seed1/naive_rl"] == steps["seed1/no_stage1"] == s1 + s2
+
+
+def _row(t1, t2, c_to_i, lo=None):
+    d = t2 - t1
+    return {"acc_t1": t1, "acc_t2": t2, "delta": d, "delta_c_to_i": c_to_i,
+            "ci": {"delta": (d - 0.02 if lo is None else lo, d + 0.02)}}
+
+
+def test_the_reports_checks_are_the_issues_outcomes_computed_from_the_rows():
+    rows = {"base": _row(0.56, 0.43, 0.31), "naive_rl": _row(0.97, 0.93, 0.05),
+            "stage1_only": _row(0.59, 0.91, 0.03), "score": _row(0.71, 0.94, 0.02)}
+    lines = demo_report._md_checks(rows, list(rows))
+    text = "\n".join(lines)
+    assert "Delta above 0 with its interval above 0: **True** (Delta 23.0, interval 21.0 to 25.0)" in text
+    assert "Delta above the base model's: **True** (23.0 vs -13.0)" in text
+    assert "Delta c->i below the base model's: **True** (2.0 vs 31.0)" in text
+    assert "Acc@t2 above the base model's Acc@t1: **True** (94.0 vs 56.0)" in text
+    assert "Acc@t2 the highest of all rows: **True** (94.0; the highest other: Naive multi-turn RL, 93.0)" in text
+    assert "Delta above Naive multi-turn RL's: **True** (23.0 vs -4.0)" in text
+    assert "Delta above Stage I only's: **False** (23.0 vs 32.0)" in text
+    assert "Acc@t1 97.0 (base 56.0), Delta -4.0 [-6.0, -2.0]" in text
+    rows["score"] = _row(0.60, 0.62, 0.02, lo=-0.01)  # an interval reaching below 0
+    assert "interval above 0: **False**" in "\n".join(demo_report._md_checks(rows, list(rows)))

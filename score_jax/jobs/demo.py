@@ -8,7 +8,8 @@ Per seed, under ``<workdir>/seed<i>/``, each step a normal run directory of its 
     stage1/       SCoRe Stage I from base (reference: base)
     score/        SCoRe Stage II from stage1                          -> row "score"
     and, for the rows that need them: no_shaping/ (Stage II from stage1, shaping off),
-    no_stage1/ (Stage II from base), naive_rl/ (Stage II from base, shaping off),
+    no_stage1/ (Stage II from base), naive_rl/ (Stage II from base, shaping off; both from base
+    for stage1's plus stage2's steps, SCoRe's whole budget),
     star_r<k>/ (STaR rounds), pair_sft/ (Pair-SFT)
     eval_<row>/   the eval job on the test split for each row (eval.json, episodes.jsonl)
 Rows: METHODS below, in table order.
@@ -135,7 +136,12 @@ class _Seed:
 
     def stage2(self, name: str, init: str, shaping: str | None = None) -> str:
         changes = {} if shaping is None else {"shaping": shaping}
-        return self._rl(name, self.cfg.stage2, init, **changes)
+        cfg = self.cfg.stage2
+        if init == self.base():
+            # A Stage II run from the base model (naive_rl, no_stage1) gets SCoRe's whole RL
+            # budget, Stage I's steps and Stage II's, so no row wins by training longer.
+            cfg = dataclasses.replace(cfg, total_steps=self.cfg.stage1.total_steps + cfg.total_steps)
+        return self._rl(name, cfg, init, **changes)
 
     def star(self) -> str:
         params = self.base()

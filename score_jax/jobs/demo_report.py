@@ -125,21 +125,35 @@ def _md_revise(rows: dict, methods) -> list[str]:
 
 
 def _md_checks(rows: dict, methods) -> list[str]:
-    """The three outcomes the toy table must show, computed from the numbers."""
+    """The outcomes the toy demo and table must show (issue 13), computed from the numbers."""
     if "score" not in rows:
         return []
     s, out = rows["score"], []
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     out.append(f"- SCoRe's Delta above 0 with its interval above 0: **{s['ci']['delta'][0] > 0}** "
-               f"(Delta {100 * s['delta']:.1f}, interval {100 * s['ci']['delta'][0]:.1f} to "
-               f"{100 * s['ci']['delta'][1]:.1f})")
+               f"(Delta {pct(s['delta'])}, interval {pct(s['ci']['delta'][0])} to {pct(s['ci']['delta'][1])})")
+    if "base" in rows:
+        b = rows["base"]
+        out.append(f"- SCoRe's Delta above the base model's: **{s['delta'] > b['delta']}** "
+                   f"({pct(s['delta'])} vs {pct(b['delta'])})")
+        out.append(f"- SCoRe's Delta c->i below the base model's: **{s['delta_c_to_i'] < b['delta_c_to_i']}** "
+                   f"({pct(s['delta_c_to_i'])} vs {pct(b['delta_c_to_i'])})")
+        out.append(f"- SCoRe's Acc@t2 above the base model's Acc@t1: **{s['acc_t2'] > b['acc_t1']}** "
+                   f"({pct(s['acc_t2'])} vs {pct(b['acc_t1'])})")
     others = [m for m in methods if m != "score"]
     if others:
-        beaten = [m for m in others if s["delta"] > rows[m]["delta"]]
-        out.append(f"- SCoRe's Delta above every other row's: **{len(beaten) == len(others)}** "
-                   f"(above: {', '.join(LABELS[m] for m in beaten) or 'none'})")
-    if "base" in rows:
-        out.append(f"- SCoRe's Delta c->i below the base model's: **{s['delta_c_to_i'] < rows['base']['delta_c_to_i']}** "
-                   f"({100 * s['delta_c_to_i']:.1f} vs {100 * rows['base']['delta_c_to_i']:.1f})")
+        best = max(others, key=lambda m: rows[m]["acc_t2"])
+        out.append(f"- SCoRe's Acc@t2 the highest of all rows: **{s['acc_t2'] > rows[best]['acc_t2']}** "
+                   f"({pct(s['acc_t2'])}; the highest other: {LABELS[best]}, {pct(rows[best]['acc_t2'])})")
+    for m in ("naive_rl", "stage1_only", "no_stage1", "no_shaping"):
+        if m in rows:
+            out.append(f"- SCoRe's Delta above {LABELS[m]}'s: **{s['delta'] > rows[m]['delta']}** "
+                       f"({pct(s['delta'])} vs {pct(rows[m]['delta'])})")
+    if "naive_rl" in rows and "base" in rows:
+        n, b = rows["naive_rl"], rows["base"]
+        out.append(f"- Naive multi-turn RL, the paper's collapse (Acc@t1 up, Delta near 0): Acc@t1 "
+                   f"{pct(n['acc_t1'])} (base {pct(b['acc_t1'])}), Delta {pct(n['delta'])} "
+                   f"[{pct(n['ci']['delta'][0])}, {pct(n['ci']['delta'][1])}]")
     return out
 
 
