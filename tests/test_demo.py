@@ -225,3 +225,11 @@ def test_the_reports_checks_are_the_issues_outcomes_computed_from_the_rows():
     assert "Acc@t1 97.0 (base 56.0), Delta -4.0 [-6.0, -2.0]" in text
     rows["score"] = _row(0.60, 0.62, 0.02, lo=-0.01)  # an interval reaching below 0
     assert "interval above 0: **False**" in "\n".join(demo_report._md_checks(rows, list(rows)))
+
+
+def test_the_revise_table_escapes_the_bars_of_its_headers():
+    rows = {m: {"revise": {k: 0.5 for k in demo_report.REVISE_LABELS}} for m in ("base", "score")}
+    header, rule, *body = demo_report._md_revise(rows, ["base", "score"])
+    cells = lambda line: line.strip("|").replace("\\|", "").split("|")  # noqa: E731
+    assert len(cells(header)) == len(cells(rule)) == len(cells(body[0])) == 1 + len(demo_report.REVISE_LABELS)
+    assert "P(y2 != y1 \\| y1 wrong)" in header

@@ -117,7 +117,8 @@ def _md_revise(rows: dict, methods) -> list[str]:
     shown = [m for m in methods if "revise" in rows[m]]
     if not shown:
         return []
-    lines = ["| method | " + " | ".join(REVISE_LABELS.values()) + " |", "|---|" + "---|" * len(REVISE_LABELS)]
+    header = (label.replace("|", "\\|") for label in REVISE_LABELS.values())  # a bare | splits a cell
+    lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(REVISE_LABELS)]
     for m in shown:
         lines.append(f"| {LABELS[m]} | " + " | ".join(f"{100 * rows[m]['revise'][k]:.1f}" for k in REVISE_LABELS)
                      + " |")
@@ -164,7 +165,8 @@ def markdown(result: dict, methods, per_seed: dict) -> str:
     if result["seeds"] > 1 and any(len(per_seed[m]) == 1 for m in methods):
         interval += ("; rows evaluated once, the base model shared by every seed "
                      "(`demo.shared_base`), over problems")
-    out = ["# SCoRe at toy scale: the paper's table on CPU", "",
+    title = "the paper's table on CPU" if len(methods) > 2 else "the CPU demo"
+    out = [f"# SCoRe at toy scale: {title}", "",
            f"Made by `{result['command']}` on this repository's 2-core CI machine ({result['seeds']} seed(s); "
            "`results.json` in its workdir holds every number). The runs took "
            f"{result['wall_seconds'] / 60:.0f} minutes of wall clock, from the first run's start to the last "
