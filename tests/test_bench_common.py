@@ -103,3 +103,15 @@ def test_learner_benchmark_prints_one_json_object_with_its_keys():
     assert out["matmul_peak_flops"] == max(out["matmul_peak_measurements"]) > 0
     assert out["mfu"] == pytest.approx(out["tokens_per_s"] * out["model_flops_per_token"] / out["matmul_peak_flops"])
     assert 0 < out["mfu"]
+
+
+@pytest.mark.slow
+def test_toy_step_peer_runs_the_real_rl_job_at_the_lengths_asked():
+    cmd = [sys.executable, "-m", "score_jax.bench.learner", "--toy_only", "--toy_steps=2", "--toy_prompt_len=20",
+           "--toy_new_tokens=10", "--toy_batch=8"]  # 8: the tests run on 8 fake devices
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert (out["max_prompt_len"], out["max_new_tokens"], out["rows_per_step"]) == (20, 10, 8 * 4)
+    assert out["steps_timed"] == 1 and out["episodes_per_s"] > 0
+    assert sum(out["fraction"].values()) == pytest.approx(1.0)

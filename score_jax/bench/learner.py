@@ -9,10 +9,11 @@ Prints one JSON object:
     update; the higher of the two);
   * a real toy RL step (``score_jax.jobs.rl`` stage 2 on the toy task for a few steps, from a
     randomly initialised toy model, so every attempt runs to max_new_tokens): ``toy_step`` =
-    per CPU device count (``--toy_devices``, default 1 = XLA's default and 2 = the toy preset's
-    ``cpu_devices``), each in its own process in this run, the mean seconds of sampling,
-    rewards and learning from the job's own metrics, whole-step ``episodes_per_s``, and the
-    ``speedup`` over the first count.
+    per peer (``--toy_peers``: CPU devices and optionally prompt / new-token lengths and prompts
+    per step; default the toy lengths before toy_arithmetic 2.0.0, 24 + 72, against today's),
+    each in its own process in this run, the mean seconds of sampling, rewards and learning
+    from the job's own metrics, whole-step ``episodes_per_s``, and the ``speedup`` over the
+    first peer.
 
 Model FLOPs count matmuls and attention (no causal discount): per token, the policy's forward
 and backward cost 6 x (matmul parameters) + 12 x layers x heads x head_dim x T and the
@@ -92,9 +93,10 @@ def update_tokens_per_s(cfg: model.ModelConfig, episodes: int, prompt: int, new:
             "model_flops_per_token": flops_per_token, "tokens_per_update": episodes * T}
 
 
-def toy_step_split(steps: int) -> dict:
+def toy_step_split(steps: int, prompt_len: int = 0, new_tokens: int = 0, batch: int = 0) -> dict:
     """Runs the real stage2 job on the toy task for ``steps`` steps in this process (its devices);
-    mean time split per step and whole-step episodes per second."""
+    mean time split per step and whole-step episodes per second. Nonzero ``prompt_len``,
+    ``new_tokens`` (rl.sampling's) and ``batch`` (prompts per step) replace the toy config's."""
     from configs import stage2 as stage2_config
     from score_jax import main as main_lib
     from score_jax.jobs import rl
@@ -109,6 +111,12 @@ def toy_step_split(steps: int) -> dict:
             cd.rl.reference = os.path.join(tmp, "base", "export")
             cd.init_from = ""  # the policy starts as the reference
             cd.compilation_cache_dir = ""
+            if prompt_len:
+                cd.rl.sampling.max_prompt_len = prompt_len
+            if new_tokens:
+                cd.rl.sampling.max_new_tokens = new_tokens
+            if batch:
+                cd.batch_size = batch
         cfg = main_lib.build(settings.RLTrainConfig, cd)
         mesh = sharding.make_mesh(cfg.mesh)
         checkpoints.export_params(cfg.rl.reference, model.init_params(cfg.model, jax.random.key(0), mesh))
@@ -119,22 +127,27 @@ def toy_step_split(steps: int) -> dict:
     total = sum(split.values())
     rows_per_step = cfg.batch_size * cfg.rl.sampling.samples_per_prompt
     return {"seconds": split, "fraction": {k: v / total for k, v in split.items()}, "steps_timed": len(rows),
-            "rows_per_step": rows_per_step, "episodes_per_s": rows_per_step / total, "devices": jax.device_count()}
+            "rows_per_step": rows_per_step, "episodes_per_s": rows_per_step / total, "devices": jax.device_count(),
+            "max_prompt_len": cfg.rl.sampling.max_prompt_len, "max_new_tokens": cfg.rl.sampling.max_new_tokens}
 
 
-def toy_step_peers(steps: int, device_counts: tuple[int, ...]) -> dict:
-    """``toy_step_split`` in one subprocess per CPU device count, one after the other in this run
-    (1 = XLA's default, the toy's configuration before config.cpu_devices)."""
+def toy_step_peers(steps: int, peers: str) -> dict:
+    """``toy_step_split`` in one subprocess per peer, one after the other in this run. ``peers``:
+    comma-separated ``devices[:prompt_len:new_tokens[:batch]]`` (0 = the toy config's value),
+    e.g. ``1,2`` (CPU device counts) or ``1:24:72,1`` (the toy lengths before toy 2.0.0, then now).
+    ``speedup`` is each peer's episodes per second over the first's."""
     out = {}
-    for n in device_counts:
+    for peer in peers.split(","):
+        n, *rest = (int(v) for v in peer.split(":"))
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n}".strip())
-        p = subprocess.run([sys.executable, "-m", "score_jax.bench.learner", "--toy_only", f"--toy_steps={steps}"],
-                           env=env, capture_output=True, text=True, check=False)
+        shape = [f"--toy_{k}={v}" for k, v in zip(("prompt_len", "new_tokens", "batch"), rest)]
+        p = subprocess.run([sys.executable, "-m", "score_jax.bench.learner", "--toy_only", f"--toy_steps={steps}",
+                            *shape], env=env, capture_output=True, text=True, check=False)
         if p.returncode:
-            raise RuntimeError(f"toy step with {n} devices failed:\n{p.stderr[-2000:]}")
-        out[f"devices_{n}"] = json.loads(p.stdout)
-    first = out[f"devices_{device_counts[0]}"]["episodes_per_s"]
+            raise RuntimeError(f"toy step peer {peer} failed:\n{p.stderr[-2000:]}")
+        out[f"peer_{peer}"] = json.loads(p.stdout)
+    first = next(iter(out.values()))["episodes_per_s"]
     out["speedup"] = {k: v["episodes_per_s"] / first for k, v in out.items()}
     return out
 
@@ -147,12 +160,16 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--toy_steps", type=int, default=6)
-    p.add_argument("--toy_devices", default="1,2", help="CPU device counts of the toy-step peers")
+    p.add_argument("--toy_peers", default="1:24:72,1",
+                   help="toy-step peers, devices[:prompt_len:new_tokens[:batch]] each (see toy_step_peers)")
     p.add_argument("--toy_only", action="store_true", help="only the toy step, in this process (JSON)")
+    p.add_argument("--toy_prompt_len", type=int, default=0)
+    p.add_argument("--toy_new_tokens", type=int, default=0)
+    p.add_argument("--toy_batch", type=int, default=0)
     args = p.parse_args(argv)
     if args.toy_only:
         with contextlib.redirect_stdout(sys.stderr):
-            split = toy_step_split(args.toy_steps)
+            split = toy_step_split(args.toy_steps, args.toy_prompt_len, args.toy_new_tokens, args.toy_batch)
         common.print_json(split)
         return
     cfg = model.ModelConfig(**model_presets.get(args.preset).to_dict())
@@ -170,7 +187,7 @@ def main(argv=None):
            "mfu": upd["tokens_per_s"] * upd["model_flops_per_token"] / peak}
     if args.toy_steps > 1:
         common.progress(f"timing {args.toy_steps} toy RL steps (sampling / rewards / learning)")
-        out["toy_step"] = toy_step_peers(args.toy_steps, tuple(int(n) for n in args.toy_devices.split(",")))
+        out["toy_step"] = toy_step_peers(args.toy_steps, args.toy_peers)
     common.print_json(out)
 
 
