@@ -137,7 +137,7 @@ def toy_step_peers(steps: int, peers: str) -> dict:
     e.g. ``1,2`` (CPU device counts) or ``1:24:72,1`` (the toy lengths before toy 2.0.0, then now).
     ``speedup`` is each peer's episodes per second over the first's."""
     out = {}
-    for peer in peers.split(","):
+    for i, peer in enumerate(peers.split(",")):
         n, *rest = (int(v) for v in peer.split(":"))
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n}".strip())
@@ -146,7 +146,7 @@ def toy_step_peers(steps: int, peers: str) -> dict:
                             *shape], env=env, capture_output=True, text=True, check=False)
         if p.returncode:
             raise RuntimeError(f"toy step peer {peer} failed:\n{p.stderr[-2000:]}")
-        out[f"peer_{peer}"] = json.loads(p.stdout)
+        out[f"peer{i}_{peer}"] = json.loads(p.stdout)  # the index: a peer may be repeated (alternation)
     first = next(iter(out.values()))["episodes_per_s"]
     out["speedup"] = {k: v["episodes_per_s"] / first for k, v in out.items()}
     return out
