@@ -47,3 +47,10 @@ def test_rates_without_revisions_are_nan_and_main_prints_json(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)[str(path)]
     assert res["acc_t1"] == 1.0 and res["revise_if_right"] == 0.0
     assert math.isnan(res["fix_rate"]) and math.isnan(res["revise_if_wrong"])
+
+
+def test_a_file_of_another_task_gets_one_clear_error():
+    import pytest
+    row = dict(_row("Answer: 1", "Answer: 1"), problem="Let x be a real number.")
+    with pytest.raises(ValueError, match="not a toy_arithmetic problem"):
+        toy_episodes.analyse([row])

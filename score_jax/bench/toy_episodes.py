@@ -48,6 +48,9 @@ def analyse(rows: list[dict]) -> dict:
     c = collections.Counter()
     for r in rows:
         m = _PROBLEM.search(r["problem"])
+        if m is None:
+            raise ValueError(f"episode problem {r['problem']!r} is not a toy_arithmetic problem "
+                             "('What is <a> <op> <b>?'); pass the toy task's eval episodes.jsonl")
         a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
         y1, y2 = r["attempts"][0], r["attempts"][1]
         r1, r2 = bool(r["correct"][0]), bool(r["correct"][1])
