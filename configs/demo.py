@@ -107,6 +107,10 @@ def get_config(arg: str = ""):
         star_prompts=2000,  # training prompts sampled per STaR round / for Pair-SFT
         star_samples=4,
         baseline_sft_steps=100,  # fine-tuning steps per STaR round and for Pair-SFT
+        # Tokens per STaR / Pair-SFT record: a whole episode the model sampled, so up to the
+        # prompt (16), two attempts of up to 56 tokens and the instruction (~33) with markers;
+        # the base SFT's 152 fit only the data's attempts (a 154-token Pair-SFT record was seen).
+        baseline_seq_len=176,
         results_md="",
         sampled_temperature=1.0,
         sampled_samples=2,  # 0 = greedy evaluation only

@@ -212,6 +212,7 @@ class DemoSettings:
     star_prompts: int
     star_samples: int
     baseline_sft_steps: int
+    baseline_seq_len: int  # tokens per STaR / Pair-SFT record (a whole sampled episode)
     results_md: str  # "" or a path: also write the table as Markdown there
     sampled_temperature: float
     sampled_samples: int  # a second, sampled evaluation of every row (0 = none)

@@ -202,6 +202,10 @@ def test_rows_trained_from_the_base_get_scores_whole_rl_budget():
     s1, s2 = cfg.stage1.total_steps, cfg.stage2.total_steps
     assert steps["seed1/stage1"] == s1 and steps["seed1/score"] == s2 and steps["seed1/no_shaping"] == s2
     assert steps["seed1/naive_rl"] == steps["seed1/no_stage1"] == s1 + s2
+    # STaR and Pair-SFT train on whole sampled episodes, longer than the base SFT's data.
+    seq = {p: c.data.seq_len for p, c in demo.plan(cfg, "runs/table")
+           if p.split("/")[-1].startswith(("star_r", "pair_sft"))}
+    assert seq and set(seq.values()) == {cfg.demo.baseline_seq_len} and cfg.demo.baseline_seq_len > cfg.sft.data.seq_len
 
 
 def _row(t1, t2, c_to_i, lo=None):
