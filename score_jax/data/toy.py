@@ -161,12 +161,19 @@ def solve(op: str, a: int, b: int, slip: Slip = None) -> tuple[str, str, str]:
 
 def carry_in_lines(op: str, a: int, b: int) -> list[int]:
     """Columns of `a op b`'s solution whose expression takes a carry or borrow of exactly 1
-    (`4+8+1=13`, `15-1-7=7`, `4*6+1=25`): where the toy base model's attempt 1 slips."""
-    lines = solve(op, a, b)[1].splitlines()
-    if lines[0].startswith(f"{min(a, b)}<"):
-        lines = lines[1:]
-    return [i for i, line in enumerate(lines[:columns(op, a, b)])
-            if re.match(r"^(\d+[+*]\d+\+1|\d+-1-\d+)=", line)]
+    (`4+8+1=13`, `15-1-7=7`, `4*6+1=25`): where the toy base model's attempt 1 slips. The same
+    column arithmetic as `_add_steps`, `_sub_steps` (on max - min) and `_mul_steps`."""
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    width = columns(op, a, b)
+    xs = _digits(a, width)
+    ys = _digits(b, width) if op != "*" else [b] * width
+    cols, carry = [], 0
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if carry == 1:
+            cols.append(i)
+        carry = int(x - carry < y) if op == "-" else (x * y + carry if op == "*" else x + y + carry) // 10
+    return cols
 
 
 def slip_column(op: str, a: int, b: int) -> int | None:
