@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import logging
-
-log = logging.getLogger(__name__)
+import os
 import signal
 import threading
 import time
@@ -25,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -52,7 +52,10 @@ class Manager:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        # Handlers named up front, so a checkpoint's metadata reads before any restore.
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state, extra_fn: Callable[[], dict], *, force: bool = False) -> bool:
         """Saves when ``step`` is on the save interval (or ``force``); returns whether it did.
@@ -68,22 +71,39 @@ class Manager:
     def restore_latest(self, abstract_state):
         """(step, state, extra) from the newest checkpoint that restores, or None.
 
-        A checkpoint that fails to restore (partial copy, deleted or truncated files) is moved
-        aside to ``<step>.corrupt`` with a warning and the next older one is tried.
+        A checkpoint whose arrays do not match ``abstract_state`` (another model shape or
+        optimiser structure) raises MismatchError and is left untouched: it is another run's
+        good checkpoint, not a broken one. A checkpoint that fails to read (partial copy,
+        deleted or truncated files) is moved aside to ``<step>.corrupt.<time>`` with a warning
+        and the next older one is tried.
         """
         for step in sorted(self._mgr.all_steps(), reverse=True):
+            try:
+                saved = self._mgr.item_metadata(step)["state"]
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: this step is unusable
+                self._set_aside(step, e)
+                continue
+            if saved is not None:
+                difference = layout_difference(saved, abstract_state)
+                if difference:
+                    raise MismatchError(
+                        f"The checkpoint {self.directory / str(step)} holds another model or optimiser "
+                        f"({difference}); use a new --workdir, or the settings it was written with.")
             try:
                 out = self._mgr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
                 return step, out["state"], out["extra"]
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                bad = self.directory / str(step)
-                log.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and "
-                                "trying an older one.", bad, type(e).__name__, str(e)[:200], bad)
-                if jax.process_index() == 0 and bad.exists():
-                    bad.rename(bad.parent / f"{bad.name}.corrupt.{int(time.time())}")
-                self._mgr.reload()
+                self._set_aside(step, e)
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        bad = self.directory / str(step)
+        log.warning("Checkpoint %s is unreadable (%s: %s); moving it to %s.corrupt and trying an older one.",
+                    bad, type(error).__name__, str(error)[:200], bad)
+        if jax.process_index() == 0 and bad.exists():
+            bad.rename(bad.parent / f"{bad.name}.corrupt.{int(time.time())}")
+        self._mgr.reload()
 
     def wait(self):
         self._mgr.wait_until_finished()
@@ -97,25 +117,90 @@ class Manager:
         self._mgr.close()
 
 
+class MismatchError(ValueError):
+    """A readable checkpoint of another model shape or optimiser structure than the config's."""
+
+
+def _leaf_layout(tree) -> list[tuple[str, tuple, str]]:
+    """(path, shape, dtype) of every array leaf; paths as Orbax names them (``a.b.0``)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    out = []
+    for path, leaf in flat:
+        if not hasattr(leaf, "shape"):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out.append((".".join(parts), tuple(leaf.shape), str(np.dtype(leaf.dtype))))
+    return out
+
+
+def layout_difference(saved_metadata, abstract_state) -> str:
+    """"" when the checkpoint's arrays (Orbax metadata) are those of ``abstract_state``, else
+    what differs, in a few words. Arrays are compared as a multiset of (shape, dtype) overall
+    (Orbax stores named tuples as lists, so optimiser paths differ in spelling), and by path
+    under ``params``."""
+    tree = getattr(saved_metadata, "tree", saved_metadata)
+    saved, wanted = _leaf_layout(tree), _leaf_layout(abstract_state)
+    if len(saved) != len(wanted):
+        return f"{len(saved)} arrays in its train state, {len(wanted)} in this config's"
+    saved_params = {p: (s, d) for p, s, d in saved if p.startswith("params.")}
+    for p, s, d in wanted:
+        if p.startswith("params.") and saved_params.get(p, (s, d)) != (s, d):
+            return f"{p} is {saved_params[p][0]} {saved_params[p][1]} there, {s} {d} here"
+    if sorted((s, d) for _, s, d in saved) != sorted((s, d) for _, s, d in wanted):
+        return "its optimiser state's array shapes differ from this config's"
+    return ""
+
+
+class Interrupted(Exception):
+    """A stop signal arrived where nothing could be saved (start-up), or a second one aborted."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class Stopped(Exception):
+    """A stop signal was honoured: the work so far is saved and a rerun resumes it."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def raise_on_signals() -> None:
+    """Outside a StopRequest (start-up, compiles, reading data) SIGTERM and SIGINT raise
+    Interrupted at once: there is nothing to save, so nothing to wait for."""
+    def handle(signum, frame):
+        raise Interrupted(signum)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handle)
+
+
 class StopRequest:
-    """Turns SIGTERM (what a TPU preemption or ``kill`` sends) into a flag the loop polls,
-    so the loop can checkpoint and exit cleanly instead of dying mid-step."""
+    """Turns SIGTERM (what a TPU preemption or ``kill`` sends) and SIGINT (Ctrl-C) into a flag
+    the loop polls, so the loop can checkpoint and exit cleanly instead of dying mid-step. A
+    second signal while the first is honoured raises Interrupted (a second Ctrl-C aborts)."""
 
     def __init__(self):
         self._event = threading.Event()
-        self._previous = None
+        self._previous: dict = {}
+        self.signum = 0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        name = signal.Signals(signum).name
+        if self._event.is_set():
+            log.warning("%s received again: aborting without saving.", name)
+            raise Interrupted(signum)
+        log.warning("%s received: saving and stopping after this step (send it again to abort).", name)
+        self.signum = signum
         self._event.set()
 
     def __bool__(self) -> bool:
@@ -123,10 +208,26 @@ class StopRequest:
 
 
 def export_params(path: str, params) -> None:
-    """Writes params only (no optimiser state) to ``path``, replacing an older export."""
+    """Writes params only (no optimiser state) to ``path``, replacing an older export. The new
+    export is written beside it and renamed into place, so a failed or interrupted export
+    leaves the older one (or none), never a half-written one."""
     path = _path(path)
+    tmp = path.parent / f".{path.name}.writing"
+    if jax.process_index() == 0 and tmp.exists():
+        tmp.rmtree()
+    multihost_utils.sync_global_devices(f"export_params:clean:{path}")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, params, force=True)
+        ckptr.save(tmp, params)
+    if jax.process_index() == 0:
+        old = path.parent / f".{path.name}.replaced"
+        if old.exists():
+            old.rmtree()
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            old.rmtree()
+    multihost_utils.sync_global_devices(f"export_params:done:{path}")
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -8,7 +8,6 @@ saves it as ``<workdir>/config.json`` and dispatches on ``config.job``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -127,21 +126,33 @@ def main(argv):
     run, typed = jobs[config.job]
     cfg = typed(config)  # all config errors surface here, before any work
 
+    from score_jax import checkpoints
+    checkpoints.raise_on_signals()  # until a loop can save, a stop signal stops at once
+    try:
+        _start_and_run(config, cfg, run)
+    except checkpoints.Interrupted as e:
+        print(f"Stopped by {e}: nothing since the last saved checkpoint or evaluation batch is kept; "
+              "run the same command again to resume.", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except checkpoints.Stopped as e:
+        print(f"Stopped on request: {e}; run the same command again to resume.", file=sys.stderr)
+        sys.exit(0)
+
+
+def _start_and_run(config, cfg, run) -> None:
     import jax
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if cfg.distributed:
         jax.distributed.initialize()
-    from etils import epath  # local paths and gs:// alike (pods need a shared workdir)
-    workdir = _WORKDIR.value or os.path.join("runs", f"{cfg.job}_{cfg.model_preset}")
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
     from score_jax import checkpoints
     from score_jax.jobs import harness
+    workdir = _WORKDIR.value or os.path.join("runs", f"{cfg.job}_{cfg.model_preset}")
     try:
+        # Refuses another run's workdir before config.json is written over.
+        harness.start(cfg, workdir, config.to_dict())
+        logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
         run(cfg, workdir)
     except harness.NonFiniteError as e:
         logging.getLogger("score_jax").error("Training stopped: %s", e)

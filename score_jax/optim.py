@@ -65,6 +65,14 @@ def make(cfg: OptimConfig, total_steps: int, axes_tree=None) -> optax.GradientTr
     return tx
 
 
+def structure(cfg: OptimConfig) -> str:
+    """The shape of ``make``'s state in words: what a checkpoint of one config shares with
+    another's only when these agree (the learning rate and its schedule are not part of it)."""
+    inner = ("clip_by_global_norm, " if cfg.clip_norm > 0 else "") + "adamw"
+    out = f"apply_if_finite(chain({inner}))"
+    return f"MultiSteps({out}, every {cfg.grad_accum_steps})" if cfg.grad_accum_steps > 1 else out
+
+
 def nonfinite(opt_state) -> tuple[jax.Array, jax.Array]:
     """(consecutive, total) counts of skipped non-finite updates."""
     if isinstance(opt_state, optax.MultiStepsState):

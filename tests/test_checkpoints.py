@@ -2,6 +2,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -68,9 +69,46 @@ def test_manager_round_trip_and_keep(tmp_path):
     assert restored["params"]["embed"].sharding == state["params"]["embed"].sharding
 
 
-def test_stop_request_turns_sigterm_into_a_flag():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_request_turns_sigterm_and_sigint_into_a_flag_and_a_second_one_aborts(sig):
+    before = {s: signal.getsignal(s) for s in checkpoints.STOP_SIGNALS}
     with checkpoints.StopRequest() as stop:
         assert not stop
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop
-    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+        os.kill(os.getpid(), sig)
+        assert stop and stop.signum == sig
+        with pytest.raises(checkpoints.Interrupted) as e:
+            os.kill(os.getpid(), sig)  # the second Ctrl-C
+        assert e.value.signum == sig
+    assert {s: signal.getsignal(s) for s in checkpoints.STOP_SIGNALS} == before
+
+
+def test_outside_a_stop_request_a_signal_interrupts_at_once():
+    before = {s: signal.getsignal(s) for s in checkpoints.STOP_SIGNALS}
+    try:
+        checkpoints.raise_on_signals()
+        with pytest.raises(checkpoints.Interrupted, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_export_replaces_the_old_one_whole(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1))
+    abstract = _abstract(mesh)
+    old = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding), abstract)
+    new = jax.tree.map(lambda a: jax.device_put(jnp.ones(a.shape, a.dtype), a.sharding), abstract)
+    path = tmp_path / "export"
+    checkpoints.export_params(str(path), old)
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoints.ocp.StandardCheckpointer, "save", fail)
+    with pytest.raises(OSError):
+        checkpoints.export_params(str(path), new)
+    monkeypatch.undo()
+    restored = checkpoints.load_params(str(path), abstract)  # the old export, whole
+    jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0), restored)
+    checkpoints.export_params(str(path), new)
+    jax.tree.map(lambda a: np.testing.assert_array_equal(a, 1), checkpoints.load_params(str(path), abstract))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -7,6 +7,7 @@ and the SIGTERM stop."""
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import signal
 
@@ -199,22 +200,71 @@ def test_resume_continues_from_a_mid_run_checkpoint(tmp_path, mesh):
     assert [r["step"] for r in _rows(workdir)] == [2, 4, 6]
 
 
-@pytest.mark.parametrize("change, theirs, mine", [
-    (dict(seed=1), "seed=0, run=0, data_name='toy_arithmetic'", "seed=1, run=0, data_name='toy_arithmetic'"),
-    (dict(run=2), "seed=0, run=0, data_name='toy_arithmetic'", "seed=0, run=2, data_name='toy_arithmetic'"),
-])
-def test_another_seed_or_run_refuses_to_resume(tmp_path, mesh, change, theirs, mine):
-    cfg, workdir = train_cfg(total_steps=2), str(tmp_path)
-    tx = tx_of(cfg)
-    with harness.Run(cfg, workdir, tx, mesh) as run:
+def _finished_run(cfg, workdir, mesh):
+    with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
         state0, _ = run.resume_or_init(init_of(cfg, mesh))
-        run.loop(state0, Steps(), dict)
+        run.finish(run.loop(state0, Steps(), dict))
+
+
+def _snapshot(workdir):
+    """Every file under workdir with its bytes (what a refused start must leave as it was)."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(pathlib.Path(workdir).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("change, difference", [
+    (dict(seed=1), "seed: 0 there, 1 here"),
+    (dict(run=2), "run: 0 there, 2 here"),
+    (dict(job="stage1"), "job: 'sft' there, 'stage1' here"),
+    (dict(model_preset="tiny"), "model_preset: 'test' there, 'tiny' here"),
+    (dict(model=dataclasses.replace(CFG, d_model=64)), "model.d_model: 32 there, 64 here"),
+    (dict(optim=dataclasses.replace(train_cfg().optim, grad_accum_steps=2)),
+     "optimizer: 'apply_if_finite(chain(adamw))' there, 'MultiSteps(apply_if_finite(chain(adamw)), every 2)' here"),
+])
+def test_another_run_refuses_the_workdir_and_keeps_its_work(tmp_path, mesh, change, difference):
+    cfg, workdir = train_cfg(total_steps=2), str(tmp_path)
+    _finished_run(cfg, workdir, mesh)
+    assert json.loads((tmp_path / harness.IDENTITY_FILE).read_text()) == harness.identity(cfg)
+    before = _snapshot(workdir)
     other = dataclasses.replace(cfg, **change)
-    msg = (f"The checkpoint in this workdir was written with {theirs}, but the config asks for {mine}; "
-           "use a new --workdir or the original settings.")
-    with harness.Run(other, workdir, tx, mesh) as run:
-        with pytest.raises(ValueError, match=re.escape(msg)):
+    msg = (f"{workdir} holds the work of another run ({difference}); use a new --workdir, or the settings it "
+           "was written with.")
+    with pytest.raises(harness.WorkdirError, match=re.escape(msg)):
+        harness.start(other, workdir, {"changed": True})  # what main calls before anything else
+    with harness.Run(other, workdir, tx_of(other), mesh) as run:
+        with pytest.raises(harness.WorkdirError, match=re.escape(msg)):
             run.resume_or_init(init_of(other, mesh))
+    assert _snapshot(workdir) == before  # nothing renamed, rewritten or deleted
+    assert checkpoints.saved_steps(workdir) == [2]
+
+
+def test_checkpoint_of_another_optimiser_is_a_mismatch_not_corrupt(tmp_path, mesh):
+    """A workdir from before identity.json: the checkpoint's own arrays tell it apart."""
+    cfg, workdir = train_cfg(total_steps=2), str(tmp_path)
+    _finished_run(cfg, workdir, mesh)
+    (tmp_path / harness.IDENTITY_FILE).unlink()
+    before = _snapshot(workdir)
+    for change in (dict(optim=dataclasses.replace(cfg.optim, grad_accum_steps=2)),
+                   dict(model=dataclasses.replace(CFG, mlp_dim=64))):
+        other = dataclasses.replace(cfg, **change)
+        with harness.Run(other, workdir, tx_of(other), mesh) as run:
+            with pytest.raises(checkpoints.MismatchError, match="holds another model or optimiser"):
+                run.resume_or_init(init_of(other, mesh))
+        assert _snapshot(workdir) == before
+    # The same config still resumes it, and claims the workdir again.
+    with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
+        run.resume_or_init(init_of(cfg, mesh))
+    assert run.start == 2 and (tmp_path / harness.IDENTITY_FILE).exists()
+
+
+def test_start_refuses_a_file_and_writes_config_only_when_accepted(tmp_path):
+    cfg = train_cfg()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(harness.WorkdirError, match="is a file, not a directory"):
+        harness.start(cfg, str(tmp_path / "f"), {})
+    harness.start(cfg, str(tmp_path / "new" / "run"), {"a": 1})
+    assert json.loads((tmp_path / "new" / "run" / "config.json").read_text()) == {"a": 1}
+    assert not (tmp_path / "new" / "run" / harness.IDENTITY_FILE).exists()  # claimed by the first checkpoint
 
 
 def test_nonfinite_stop_saves_then_raises(tmp_path, mesh):

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,24 +97,80 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dir, reference):
     assert _summary(wd)["params_sha256"] == _summary(ref_wd)["params_sha256"]
 
 
+def _until_training(proc):
+    """Reads the run's output until its first progress line; returns what it printed."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step "):
+            break
+    return "".join(seen)
+
+
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_exits_zero(tmp_path, data_dir, sig):
     wd = tmp_path / "run"
     proc = subprocess.Popen(_cmd(wd, data_dir, "--config.total_steps=100000", "--config.checkpoint.every_steps=0"),
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for line in proc.stdout:  # wait until training is under way
-            if line.startswith("step "):
+        _until_training(proc)
+        proc.send_signal(sig)
+        out = proc.stdout.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert rc == 0, out[-2000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-2000:]
+    assert f"{signal.Signals(sig).name} received" in out
+    steps = _complete_steps(wd)
+    assert len(steps) == 1 and 5 <= steps[0] < 100000, steps
+    assert not (wd / "summary.json").exists()
+    # The saved step resumes.
+    p = _run(wd, data_dir, f"--config.total_steps={steps[0] + 2}", "--config.checkpoint.every_steps=0")
+    assert f"at step {steps[0]}" in p.stderr and _summary(wd)["step"] == steps[0] + 2
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_says_so_in_one_line(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(wd, data_dir, "--config.total_steps=5"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # the job has started (its first log line), nothing is saved yet
+            if "Job sft in" in line:
                 break
         proc.send_signal(signal.SIGTERM)
         out = proc.stdout.read()
         rc = proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert rc == 0, out[-2000:]
-    steps = _complete_steps(wd)
-    assert len(steps) == 1 and 5 <= steps[0] < 100000, steps
-    assert not (wd / "summary.json").exists()
+    assert rc == 128 + signal.SIGTERM, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+    assert "Stopped by SIGTERM" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_changed_config_or_another_job_refuses_a_finished_workdir(tmp_path, data_dir, reference):
+    ref_wd, _ = reference
+    wd = tmp_path / "run"
+    shutil.copytree(ref_wd, wd)
+    before = {str(p.relative_to(wd)): p.read_bytes() for p in sorted(wd.rglob("*")) if p.is_file()}
+    for cmd in (_cmd(wd, data_dir, "--config.total_steps=30", "--config.optim.grad_accum_steps=2"),
+                [c.replace("sft.py:tiny", "sft.py:toy") for c in _cmd(wd, data_dir, "--config.total_steps=30")]):
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 2, p.stderr[-2000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "holds the work of another run" in last and "--workdir" in last, last
+        assert "Traceback" not in p.stderr
+    # stage1 started in the sft workdir (with an init_from that exists: the sft's own export).
+    p = subprocess.run([sys.executable, "-m", "score_jax.main", "--config=configs/stage1.py:tiny", f"--workdir={wd}",
+                        f"--config.data.data_dir={data_dir}", f"--config.init_from={wd}/export",
+                        f"--config.rl.reference={wd}/export"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "job: 'sft' there, 'stage1' here" in p.stderr, p.stderr[-2000:]
+    after = {str(p.relative_to(wd)): p.read_bytes() for p in sorted(wd.rglob("*")) if p.is_file()}
+    assert after == before  # checkpoints, export, summary, metrics and config.json as they were
 
 
 @pytest.mark.slow

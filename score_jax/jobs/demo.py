@@ -38,7 +38,7 @@ import os
 import time
 import zlib
 
-from score_jax import baselines, metrics, settings
+from score_jax import baselines, checkpoints, metrics, settings
 from score_jax.jobs import demo_report, harness, inputs, keys, rl, sft
 from score_jax.jobs import eval as eval_job
 
@@ -48,8 +48,8 @@ METHODS = ("base", "self_refine", "star", "pair_sft", "naive_rl", "no_stage1", "
 UNTRAINED = ("base", "self_refine")  # rows that are the base model itself (shared with demo.shared_base)
 
 
-class Stopped(Exception):
-    """A sub-run stopped early (SIGTERM): the demo stops too; rerun to resume."""
+class Stopped(checkpoints.Stopped):
+    """A sub-run stopped early (SIGTERM, SIGINT): the demo stops too; rerun to resume."""
 
 
 def methods(d: settings.DemoSettings) -> tuple[str, ...]:
@@ -107,8 +107,7 @@ class _Seed:
             self.planned.append((self.rel(name), cfg))
             if self.execute and not _done(wd):
                 log.info("demo seed %d: %s", self.index, name)
-                os.makedirs(wd, exist_ok=True)
-                metrics.write_json(os.path.join(wd, "config.json"), dataclasses.asdict(cfg))
+                harness.start(cfg, wd, dataclasses.asdict(cfg))
                 if job(cfg, wd, **kw).get("stopped_early"):
                     raise Stopped(name)
         self._made.add(name)
@@ -213,8 +212,7 @@ class _Seed:
         if not self.execute:
             return None
         if not _done(wd, "eval.json"):
-            os.makedirs(wd, exist_ok=True)
-            metrics.write_json(os.path.join(wd, "config.json"), dataclasses.asdict(cfg))
+            harness.start(cfg, wd, dataclasses.asdict(cfg))
             eval_job.run(cfg, wd)
         return metrics.read_json(os.path.join(wd, "eval.json"))
 
@@ -265,7 +263,7 @@ def run(cfg: settings.DemoConfig, workdir: str) -> dict:
                 if d.sampled_samples:
                     sampled[m].append(runs.evaluate(m, sampled=True))
                 log.info("demo seed %d: %s done (%.0f s so far)", s, m, time.perf_counter() - t0)
-    except Stopped as e:
+    except checkpoints.Stopped as e:  # a training run's or an evaluation's
         log.warning("Stopped during %s; run the same command again to resume.", e)
         return {"stopped_early": True}
     if d.only_seed >= 0:

@@ -18,6 +18,7 @@ and ``run.start`` is the step it resumed from (0 for a new run).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -26,8 +27,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
+from etils import epath
 
-from score_jax import checkpoints, learner, metrics, model, settings, sharding
+from score_jax import checkpoints, learner, metrics, model, optim, settings, sharding
 from score_jax.jobs import keys
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,92 @@ def make_mesh(cfg: sharding.MeshConfig, batch_size: int, what: str = "batch_size
         raise ValueError(f"{what}={batch_size} must be divisible by data x fsdp = {shards}.")
     log.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), mesh.size, jax.process_count())
     return mesh
+
+
+IDENTITY_FILE = "identity.json"
+# The model fields a checkpoint's arrays depend on (dtype, remat and the like do not).
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                "qkv_bias", "qk_norm", "sandwich_norm", "tie_embeddings", "param_dtype", "scan_layers")
+
+
+class WorkdirError(ValueError):
+    """The workdir holds another run's work: the message says what differs."""
+
+
+def identity(cfg) -> dict:
+    """What a workdir's saved work depends on: the job, preset, model shape, optimiser
+    structure, seed, run index and dataset (an eval also its params, split and decoding).
+    Written with a run's first checkpoint (or an eval's first saved batch) as identity.json
+    and checked on every start (``check_workdir``)."""
+    if cfg.job == "demo":  # its runs are workdirs of their own, each with its identity
+        return {"job": "demo", "model_preset": cfg.model_preset, "seed": cfg.seed}
+    out = {"job": cfg.job, "model_preset": cfg.model_preset,
+           "model": {f: getattr(cfg.model, f) for f in SHAPE_FIELDS},
+           "seed": cfg.seed, "run": cfg.run, "data_name": cfg.data.name}
+    if hasattr(cfg, "optim"):
+        out["optimizer"] = optim.structure(cfg.optim)
+    if hasattr(cfg, "eval"):
+        ev = cfg.eval
+        out["eval"] = {"params": ev.params, "split": ev.split, "num_problems": ev.num_problems,
+                       "num_attempts": ev.num_attempts, "batch_size": ev.batch_size,
+                       "sampling": dataclasses.asdict(ev.sampling), "correction": cfg.task.correction}
+    return json.loads(json.dumps(out))  # as read back from JSON (tuples become lists)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def identity_difference(theirs: dict, mine: dict) -> str:
+    """"" when equal, else "key: saved -> config" for each differing key (a few at most)."""
+    a, b = _flat(theirs), _flat(mine)
+    keys_ = [k for k in list(b) + [k for k in a if k not in b] if a.get(k) != b.get(k)]
+    shown = "; ".join(f"{k}: {a.get(k, '(none)')!r} there, {b.get(k, '(none)')!r} here" for k in keys_[:3])
+    return shown + (f" (and {len(keys_) - 3} more)" if len(keys_) > 3 else "")
+
+
+def check_workdir(cfg, workdir: str) -> None:
+    """Raises WorkdirError, before any work, when ``workdir`` holds saved work of another job,
+    preset, model shape, optimiser structure, seed, run or evaluation than ``cfg``'s."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir={workdir} is a file, not a directory; pass a directory.")
+    file = path / IDENTITY_FILE
+    if not file.exists():
+        return
+    try:
+        theirs = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{file} is unreadable ({e}); it records which run this workdir holds: "
+                           "restore it, or use a new --workdir.") from e
+    difference = identity_difference(theirs, identity(cfg))
+    if difference:
+        raise WorkdirError(f"{workdir} holds the work of another run ({difference}); use a new --workdir, "
+                           "or the settings it was written with.")
+
+
+def claim_workdir(cfg, workdir: str) -> None:
+    """Writes identity.json (process 0) unless it exists: called with the first saved work."""
+    file = epath.Path(workdir) / IDENTITY_FILE
+    if jax.process_index() == 0 and not file.exists():
+        metrics.write_json(str(file), identity(cfg))
+
+
+def start(cfg, workdir: str, config_json: dict) -> None:
+    """The checks every job makes before work, then ``<workdir>/config.json``: creates the
+    workdir, refuses another run's (``check_workdir``) and an unwritable one."""
+    path = epath.Path(workdir)
+    check_workdir(cfg, workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            metrics.write_json(str(path / "config.json"), config_json)
+    except OSError as e:
+        raise WorkdirError(f"Cannot write to --workdir={workdir} ({e.strerror or e}); "
+                           "pass a writable directory.") from e
 
 
 def root_key(cfg) -> jax.Array:
@@ -77,22 +165,27 @@ class Run:
 
     def identity(self) -> dict:
         """What a checkpoint of this run records about it (checked on resume)."""
-        return {"seed": self.cfg.seed, "run": self.cfg.run, "data_name": self.cfg.data.name}
+        return identity(self.cfg)
 
     def resume_or_init(self, init: Callable[[], learner.State]) -> tuple[learner.State, dict]:
         """(state, the job's extra JSON) from the newest checkpoint that restores, or (``init()``,
-        {}) for a new run; sets ``self.start``. Raises if the checkpoint is another run's."""
+        {}) for a new run; sets ``self.start``. Raises WorkdirError if the workdir is another
+        run's (identity.json, or a checkpoint's own record where a workdir predates it), and
+        checkpoints.MismatchError if a checkpoint's arrays are another model's or optimiser's."""
+        check_workdir(self.cfg, self.workdir)
         restored = self.manager.restore_latest(learner.abstract_state(self.cfg.model, self.tx, self.mesh))
         if restored is None:
             self.start = 0
             return init(), {}
         self.start, state, extra = restored
         mine = self.identity()
-        theirs = {k: extra.get(k, 0 if k == "run" else None) for k in mine}
-        if theirs != mine:
-            raise ValueError(
-                f"The checkpoint in this workdir was written with {_fmt(theirs)}, but the config asks for "
-                f"{_fmt(mine)}; use a new --workdir or the original settings.")
+        theirs = {k: extra.get(k, 0 if k == "run" else None) for k in ("seed", "run", "data_name")}
+        theirs = {**mine, **theirs, **{k: extra[k] for k in mine if k in extra}}
+        difference = identity_difference(theirs, mine)
+        if difference:
+            raise WorkdirError(f"The checkpoint in this workdir was written by another run ({difference}); "
+                               "use a new --workdir, or the settings it was written with.")
+        claim_workdir(self.cfg, self.workdir)  # a workdir from before identity.json
         log.info("Resumed from %s at step %d.", self.manager.directory, self.start)
         return state, extra.get("progress", {})
 
@@ -105,9 +198,13 @@ class Run:
         console (``window_mean``)."""
         cfg = self.cfg
         writer = metrics.Writer(self.workdir, cfg.total_steps, self.start)
+
+        def extra():  # called once per save: the first one claims the workdir
+            claim_workdir(cfg, self.workdir)
+            return {**self.identity(), "progress": extra_fn()}
+
         try:
-            return _steps(state, self.start, cfg.total_steps, step_fn,
-                          lambda: {**self.identity(), "progress": extra_fn()}, self.manager, writer, cfg.log_every,
+            return _steps(state, self.start, cfg.total_steps, step_fn, extra, self.manager, writer, cfg.log_every,
                           cfg.optim.max_nonfinite_steps, progress_keys)
         finally:
             writer.close()
@@ -118,14 +215,14 @@ class Run:
         and nothing written when the loop stopped early)."""
         if out.stopped_early:
             return {"step": out.step, "stopped_early": True}
-        checkpoints.export_params(os.path.join(self.workdir, checkpoints.EXPORT_DIR), out.state["params"])
-        final = out.metrics or self._logged_at(out.step)  # resumed at the end: no step ran here
-        summary = {"step": out.step, "final_metrics": final, "stopped_early": False,
-                   "params_sha256": checkpoints.params_digest(out.state["params"]),
-                   "num_params": model.num_params(self.cfg.model), **more}
-        metrics.write_json(os.path.join(self.workdir, "summary.json"), summary)
+        with checkpoints.StopRequest():  # a signal now waits for the export and summary
+            checkpoints.export_params(os.path.join(self.workdir, checkpoints.EXPORT_DIR), out.state["params"])
+            final = out.metrics or self._logged_at(out.step)  # resumed at the end: no step ran here
+            summary = {"step": out.step, "final_metrics": final, "stopped_early": False,
+                       "params_sha256": checkpoints.params_digest(out.state["params"]),
+                       "num_params": model.num_params(self.cfg.model), **more}
+            metrics.write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary
-
 
     def _logged_at(self, step: int) -> dict:
         """The metrics.jsonl row of ``step`` (without its step), or {}."""
