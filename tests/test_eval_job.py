@@ -1,6 +1,7 @@
 """The eval job end to end on a tiny export: N attempts, samples, the scaling study, artefacts."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -64,3 +65,46 @@ def test_eval_without_params_fails_at_once(tmp_path, setup):
     data_dir, _ = setup
     p = _eval(tmp_path / "e", data_dir, tmp_path / "nope", check=False)
     assert p.returncode == 2 and "No params export" in p.stderr and "Traceback" not in p.stderr
+
+
+def _metrics(wd):
+    ev = json.loads((wd / "eval.json").read_text())
+    ev.pop("seconds")
+    return ev
+
+
+@pytest.mark.slow
+def test_a_stopped_eval_resumes_at_its_next_batch_with_the_same_results(tmp_path, setup):
+    data_dir, params = setup
+    how = ["--config.eval.num_problems=40", "--config.eval.batch_size=4", "--config.eval.sampling.temperature=1.0"]
+    ref = tmp_path / "ref"
+    _eval(ref, data_dir, params, *how)
+    wd = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/eval.py:tiny", f"--workdir={wd}",
+           f"--config.data.data_dir={data_dir}", "--config.data.num_train=2000", "--config.data.num_test=200",
+           f"--config.eval.params={params}", "--config.eval.sampling.max_new_tokens=10", *how]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=sft_e2e._env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        for line in proc.stdout:
+            if "eval: 8/40 problems sampled" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out = proc.stdout.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert rc == 0, out[-2000:]
+    assert "Stopped on request" in out.strip().splitlines()[-1] and "Traceback" not in out, out[-2000:]
+    assert not (wd / "eval.json").exists()
+    saved = (wd / "eval_progress" / "eval.p0.jsonl").read_text().splitlines()
+    assert 3 <= len(saved) <= 11  # the header and the batches finished before the stop
+    p = _eval(wd, data_dir, params, *how)
+    assert f"resuming after {len(saved) - 1} saved batches" in p.stderr
+    assert _metrics(wd) == _metrics(ref)
+    assert (wd / "episodes.jsonl").read_text() == (ref / "episodes.jsonl").read_text()
+    assert not list((wd / "eval_progress").iterdir())
+    # Another evaluation in the same workdir is refused before any work.
+    p = _eval(wd, data_dir, params, "--config.eval.num_problems=20", "--config.eval.batch_size=4", check=False)
+    assert p.returncode == 2 and "eval.num_problems: 40 there, 20 here" in p.stderr, p.stderr[-2000:]
+    assert _metrics(wd) == _metrics(ref)
