@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from score_jax import ranges
+
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
@@ -35,6 +37,10 @@ class CheckpointConfig:
     every_steps: int  # periodic saves (0 = only at the end and on SIGTERM)
     keep: int  # newest checkpoints kept
     async_save: bool
+
+    def __post_init__(self):
+        # keep=0 would keep nothing, so a rerun could never resume.
+        ranges.check("checkpoint", self, every_steps="[0, inf)", keep="[1, inf)")
 
 
 def _path(path) -> epath.Path:

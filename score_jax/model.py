@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from score_jax import sharding
+from score_jax import ranges, sharding
 
 GLOBAL_WINDOW = 1 << 30  # "no sliding window"
 _NEG_INF = -0.7 * float(np.finfo(np.float32).max)
@@ -73,6 +73,13 @@ class ModelConfig:
     scan_layers: bool = True
 
     def __post_init__(self):
+        ranges.check("model", self, vocab_size="[1, inf)", num_layers="[1, inf)", d_model="[1, inf)",
+                     num_heads="[1, inf)", num_kv_heads="[1, inf)", head_dim="[1, inf)", mlp_dim="[1, inf)",
+                     norm_eps="[0, inf)", rope_theta="(0, inf)", rope_factor="(0, inf)", query_scale="[0, inf)",
+                     attn_softcap="[0, inf)", final_softcap="[0, inf)", sliding_window="[0, inf)")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {', '.join(DTYPES)}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
         if self.activation not in _ACTIVATIONS:
@@ -92,6 +99,7 @@ class ModelConfig:
         return np.array([p[i % len(p)] == "L" for i in range(self.num_layers)])
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 REMAT_POLICIES = {

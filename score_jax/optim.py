@@ -8,6 +8,8 @@ import dataclasses
 import jax
 import optax
 
+from score_jax import ranges
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -26,8 +28,9 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule={self.schedule!r}; choose cosine or constant.")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
+        ranges.check("optim", self, learning_rate="(0, inf)", warmup_steps="[0, inf)", end_lr_fraction="[0, 1]",
+                     b1="[0, 1)", b2="[0, 1)", eps="[0, inf)", weight_decay="[0, inf)", clip_norm="[0, inf)",
+                     grad_accum_steps="[1, inf)", max_nonfinite_steps="[1, inf)")
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

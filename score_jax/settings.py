@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from score_jax import checkpoints, model, optim, sharding
+from score_jax import checkpoints, model, optim, ranges, sharding
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -25,6 +25,7 @@ class DataConfig:
     too_long: str
 
     def __post_init__(self):
+        ranges.check("data", self, num_train="[0, inf)", num_test="[0, inf)")
         if self.too_long not in ("error", "skip", "truncate"):
             raise ValueError(f"data.too_long={self.too_long!r}; choose error, skip or truncate.")
 
@@ -45,6 +46,7 @@ class SFTDataConfig(TrainDataConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        ranges.check("data", self, seq_len="[2, inf)")
         if not self.attempt_fields():
             raise ValueError("data.sft_fields is empty; name the record field(s) to learn, e.g. 'response'.")
 
@@ -73,9 +75,9 @@ class SamplingConfig:
     chunk_len: int  # sampler KV-cache chunk (score_jax/sampler.py)
 
     def __post_init__(self):
-        for name in ("samples_per_prompt", "max_prompt_len", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}.")
+        ranges.check("sampling", self, max_prompt_len="[1, inf)", max_new_tokens="[1, inf)",
+                     temperature="[0, inf)", top_k="[0, inf)", top_p="(0, 1]", samples_per_prompt="[1, inf)",
+                     chunk_len="[1, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,11 @@ class TrainConfig:
     distributed: bool
     compilation_cache_dir: str
     loss_chunk: int
+
+    def __post_init__(self):
+        # total_steps=0 would export the untrained params as if trained; log_every=0 divides by 0.
+        ranges.check("", self, batch_size="[1, inf)", total_steps="[1, inf)", log_every="[1, inf)",
+                     loss_chunk="[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +137,8 @@ class RLConfig:
     samples_per_write: int
 
     def __post_init__(self):
+        ranges.check("rl", self, alpha="[0, inf)", beta1="[0, inf)", beta2="[0, inf)",
+                     schedule_block_steps="[0, inf)", samples_every="[0, inf)", samples_per_write="[0, inf)")
         from score_jax import losses  # the allowed values live beside the code that uses them
         if not self.schedule or set(self.schedule) - {"1", "2"}:
             raise ValueError(f"rl.schedule={self.schedule!r} must be a non-empty string of 1s and 2s "
@@ -178,8 +187,8 @@ class EvalConfig:
     scaling_temperature: float
 
     def __post_init__(self):
-        if self.num_attempts < 1 or self.batch_size < 1:
-            raise ValueError("eval.num_attempts and eval.batch_size must be >= 1.")
+        ranges.check("eval", self, num_problems="[0, inf)", num_attempts="[1, inf)", batch_size="[1, inf)",
+                     scaling_samples="[0, inf)", scaling_temperature="[0, inf)")
         if self.scaling_samples and (self.scaling_samples < 2 or self.scaling_samples % 2):
             raise ValueError(f"eval.scaling_samples={self.scaling_samples} must be 0 (off) or an even "
                              "number >= 2 (the paper uses 32).")

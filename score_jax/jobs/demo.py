@@ -116,8 +116,6 @@ class _Seed:
     def pretrain(self) -> str:
         if self.shared is not None:
             return self.shared.pretrain()
-        if self.cfg.pretrain.total_steps == 0:
-            return ""
         return self._train("pretrain", sft.run, dataclasses.replace(self.cfg.pretrain, init_from=""))  # random init
 
     def base(self) -> str:
