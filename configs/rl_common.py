@@ -43,10 +43,9 @@ def with_task(c, preset: str, task: str):
     c.data.manual_dir = t.manual_dir
     c.task.reward, c.task.prompt_template, c.task.correction = t.reward, t.prompt_template, t.correction
     if task != "toy":
-        family = next((v for k, v in CHAT.items() if preset.startswith(k)), None)
-        if family is None:
-            raise ValueError(f"No chat template is known for preset {preset!r}; set --config.task.chat_template.")
-        c.task.chat_template = family
+        # Unknown for this preset: left empty, so that --config.task.chat_template can set it
+        # (raising here would refuse the override too); an empty one is refused when typed.
+        c.task.chat_template = next((v for k, v in CHAT.items() if preset.startswith(k)), "")
         c.data.too_long = "skip"  # a few MATH problems exceed any fixed prompt budget: counted and skipped
     return t
 

@@ -96,3 +96,34 @@ def test_stage1_from_a_hugging_face_checkpoint(hf_tiny, tmp_path):
     # Policy = reference at the start: the first step's KL is zero up to float rounding.
     first = json.loads((wd / "metrics.jsonl").read_text().splitlines()[0])
     assert s["step"] == 2 and first["kl1"] < 1e-9 and first["logp_gap"] < 1e-4
+
+
+def test_hf_export_refuses_to_write_over_its_source(hf_tiny, tmp_path):
+    path, _ = hf_tiny
+    checkpoints.export_params(str(tmp_path / "export"), hf.load_params(str(path), TINY))
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    for out in (path, path / "hf", path.parent, tmp_path / "export", tmp_path / "export" / "hf"):
+        p = subprocess.run([sys.executable, "-m", "score_jax.hf_export", f"--params={tmp_path / 'export'}",
+                            f"--like={path}", f"--out={out}"], cwd=ROOT, env=sft_e2e._env(), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 2, (out, p.stderr[-2000:])
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: --out=") and "overlaps" in last and "Traceback" not in p.stderr, last
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+
+
+def test_a_failed_hf_export_leaves_the_older_one_whole(hf_tiny, tmp_path, monkeypatch):
+    from score_jax import hf_export
+    path, _ = hf_tiny
+    params = hf.load_params(str(path), TINY)
+    checkpoints.export_params(str(tmp_path / "export"), params)
+    out = tmp_path / "hf_out"
+    hf_export.export(str(tmp_path / "export"), str(path), str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(hf.safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hf_export.export(str(tmp_path / "export"), str(path), str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
