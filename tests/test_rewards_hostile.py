@@ -1,5 +1,7 @@
 """Hostile programs on the real sandbox: each scores 0.0 with the right reason, and the host is
 unharmed (canary files unchanged, no process left behind, the caller healthy, time bounded).
+Hostile math answers (end of file): numbers too big to evaluate score 0.0 at once, well before
+the math check's timeout.
 
 Safety first: the `isolation` fixture proves, with harmless probes, what this suite relies on
 (unprivileged uid, own pid namespace, read-only root, RLIMIT_NPROC enforced, shown by a *bounded*
@@ -17,6 +19,7 @@ import time
 import pytest
 
 from score_jax.rewards import code
+from score_jax.rewards import math as math_reward_lib
 from score_jax.rewards import sandbox
 from score_jax.rewards import supervisor
 
@@ -338,3 +341,73 @@ def test_a_batch_of_hanging_programs_ends_at_its_time_limit(isolation):
     assert results == [(0.0, "timeout")] * 4
     assert time.monotonic() - start < 2.0 + 2.5
     assert wait_for_no_sandbox_processes() == []
+
+
+# ---------------------------------------------------------------------- hostile math answers
+
+# A check that is not done after this long went near its timeout (math.CHECK_TIMEOUT_S, 5 s):
+# these take about 0.05 s each because the worker refuses to evaluate them exactly.
+MATH_FAST_S = 1.0
+# (answer, reference): exact values with billions of digits or more, or a walk that never ends.
+HOSTILE_MATH = [
+    ("10^{10^{10}}", "1"),
+    ("10^{10^{10}}", "10^{10^{10}}+1"),
+    ("10^{-10^{10}}", "0"),
+    ("\\frac{1}{10^{10^{10}}}", "0.0"),
+    ("2^{2^{2^{100}}}", "1"),
+    ("9^{9^{9}}", "9^{387420489}"),
+    ("(10^{10})!", "2"),
+    ("\\binom{10^{10}}{5\\cdot 10^9}", "1"),
+    ("e^{10^{10^{10}}}", "1"),
+    ("\\sqrt{10^{10^{10}}}", "10^{5\\cdot 10^{9}}"),
+    ("1.5\\times 10^{10^{10}}", "1.5"),
+    ("\\sin(10^{10^{10}})", "0"),
+    ("1^{10^{10^{10}}}", "1"),
+    ("\\prod_{k=1}^{10^{6}} k", "1"),
+    ("\\sum_{k=1}^{10^{10}} k", "1"),
+    ("(x+1)^{10^{10}}", "x"),
+    ("(10^{-20}, 10^{10^{10}})", "(10^{-20}, 1)"),
+]
+# Big but bounded exact values still compare exactly, as fast.
+BIG_EQUAL_MATH = [
+    ("2006!", "2005!\\cdot 2006"),
+    ("2^{2^{10}}", "2^{1024}"),
+    ("0^{10^{10}}", "0"),
+    ("\\frac{1}{3^{2007}}", "3^{-2007}"),
+]
+
+
+@pytest.fixture(scope="module")
+def math_workers():
+    """Starts the math workers, so a check's time is the check's."""
+    assert math_reward_lib.answers_match("0.5", "\\frac{1}{2}")
+
+
+def timed_math_reward(answer: str, reference: str) -> tuple[float, float]:
+    start = time.monotonic()
+    score = math_reward_lib.math_reward(math_reward_lib.answer_text(answer), reference)
+    return score, time.monotonic() - start
+
+
+@pytest.mark.parametrize("answer, reference", HOSTILE_MATH)
+def test_hostile_math_answer_scores_zero_fast(math_workers, caplog, answer, reference):
+    score, seconds = timed_math_reward(answer, reference)
+    assert score == 0.0
+    assert seconds < MATH_FAST_S
+    assert "timed out" not in caplog.text  # refused, not killed at the timeout
+
+
+@pytest.mark.parametrize("answer, reference", BIG_EQUAL_MATH)
+def test_big_exact_math_answer_still_matches_fast(math_workers, answer, reference):
+    score, seconds = timed_math_reward(answer, reference)
+    assert score == 1.0
+    assert seconds < MATH_FAST_S
+
+
+def test_hostile_math_batch_is_fast_and_the_workers_stay_healthy(math_workers):
+    answers = [math_reward_lib.answer_text(a) for a, _ in HOSTILE_MATH]
+    start = time.monotonic()
+    assert math_reward_lib.math_rewards(answers, [r for _, r in HOSTILE_MATH]) == \
+        [0.0] * len(HOSTILE_MATH)
+    assert time.monotonic() - start < MATH_FAST_S * len(HOSTILE_MATH) / 2
+    assert math_reward_lib.math_reward(math_reward_lib.answer_text("0.25"), "\\frac14") == 1.0

@@ -159,3 +159,80 @@ def test_batch_form_matches_one_by_one():
     assert math_reward_lib.math_rewards(completions, references) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="one reference per completion"):
         math_reward_lib.math_rewards(completions, references[:2])
+
+
+# ------------------------------------------------------------------------ exactness (issue 14)
+
+# (answer, reference, expected score). Exact values are compared exactly, a float with a
+# relative tolerance of about 1e-9; the first half are near misses a tolerance-based checker
+# (math-verify rounds floats to 6 decimals and chops differences below ~1e-15) scores 1.0.
+EXACTNESS_TABLE = [
+    # near misses: 0.0
+    ("1/2004!", "1/2006!", 0.0),
+    ("10^{-20}", "10^{-21}", 0.0),
+    ("1/3^{40}", "1/3^{41}", 0.0),
+    ("e^{-50}", "e^{-51}", 0.0),
+    ("0.333333", "1/3", 0.0),
+    ("0.333333", "\\frac{1}{3}", 0.0),
+    ("\\frac{1}{2^{100}}", "\\frac{1}{2^{101}}", 0.0),
+    ("1+10^{-20}", "1", 0.0),
+    ("\\sqrt{2}+10^{-20}", "\\sqrt{2}", 0.0),
+    ("\\frac{\\sqrt{2}}{10^{20}}", "\\frac{\\sqrt{3}}{10^{20}}", 0.0),
+    ("10^{-7}", "0", 0.0),
+    ("\\frac{1}{2004!}", "0", 0.0),
+    ("e^{-100}", "0", 0.0),
+    ("0.0000001", "0", 0.0),
+    ("0.000000000001", "0", 0.0),
+    ("0.1234567", "0.1234568", 0.0),
+    ("1.0000001", "1", 0.0),
+    ("3.1415926", "\\pi", 0.0),
+    ("2.7182818", "e", 0.0),
+    ("1.414214", "\\sqrt{2}", 0.0),
+    ("0.33333333", "\\frac{1}{3}", 0.0),
+    ("-10^{-20}", "10^{-20}", 0.0),
+    ("10^{20}+1", "10^{20}", 0.0),
+    ("(10^{-20}, 1)", "(10^{-21}, 1)", 0.0),
+    ("[0, 10^{-20}]", "[0, 10^{-21}]", 0.0),
+    ("\\{10^{-20}, 2\\}", "\\{10^{-21}, 2\\}", 0.0),
+    ("\\begin{pmatrix} 10^{-20} \\\\ 1 \\end{pmatrix}",
+     "\\begin{pmatrix} 10^{-21} \\\\ 1 \\end{pmatrix}", 0.0),
+    ("x+10^{-20}", "x", 0.0),
+    ("y = x + 10^{-20}", "y = x", 0.0),
+    # equal answers: 1.0
+    ("1/2004!", "\\frac{1}{2004!}", 1.0),
+    ("\\frac{2005 \\cdot 2006}{2006!}", "\\frac{1}{2004!}", 1.0),
+    ("\\frac{2006!}{2006}", "2005!", 1.0),
+    ("10^{-20}", "\\frac{1}{10^{20}}", 1.0),
+    ("0.00000000000000000001", "10^{-20}", 1.0),
+    ("3^{-40}", "1/3^{40}", 1.0),
+    ("\\frac{1}{e^{50}}", "e^{-50}", 1.0),
+    ("0.3333333333333333", "\\frac{1}{3}", 1.0),
+    ("1.4142135623731", "\\sqrt{2}", 1.0),
+    ("0.5", "\\frac{1}{2}", 1.0),
+    ("\\frac{1}{2}", "0.5", 1.0),
+    ("1.5", "\\frac{3}{2}", 1.0),
+    ("0.1", "\\frac{1}{10}", 1.0),
+    ("\\sqrt{18}", "3\\sqrt2", 1.0),
+    ("\\sqrt{3+2\\sqrt{2}}", "1+\\sqrt{2}", 1.0),
+    ("\\cos\\frac{\\pi}{3}", "\\frac{1}{2}", 1.0),
+    ("2^{10}", "1024", 1.0),
+    ("10\\text{ cm}", "10", 1.0),
+    ("50\\%", "50", 1.0),
+    ("30^\\circ", "30", 1.0),
+    ("(10^{-20}, 1)", "(\\frac{1}{10^{20}}, 1)", 1.0),
+    ("\\left[1, 3\\right)", "[1,3)", 1.0),
+    ("\\{2, 1\\}", "\\{1,2\\}", 1.0),
+    ("(x+1)^2", "x^2+2x+1", 1.0),
+    ("0.5x", "\\frac{x}{2}", 1.0),
+    ("0.1+0.2-0.3", "0", 1.0),
+]
+
+
+def test_exactness_table_is_large_and_half_near_misses():
+    assert len(EXACTNESS_TABLE) >= 40
+    assert sum(expected == 0.0 for _, _, expected in EXACTNESS_TABLE) >= len(EXACTNESS_TABLE) / 2
+
+
+@pytest.mark.parametrize("answer, reference, expected", EXACTNESS_TABLE)
+def test_exactness_table(answer, reference, expected):
+    assert math_reward_lib.math_reward(paper(answer), reference) == expected
