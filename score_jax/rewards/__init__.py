@@ -3,7 +3,9 @@
 REWARDS maps a task's reward name to its `Reward`: `score` (completion, reference) -> 0.0 or
 1.0; `score_batch`, the batch form, which the learner should prefer (code runs its sandboxes in
 parallel, math its checks); and, for tasks with a final answer to vote on, `final_answer` and
-its inverse `answer_text`.
+its inverse `answer_text`. Completions and references are str (the sampler decodes its tokens);
+each function raises TypeError on anything else (None, bytes, a number), naming the argument,
+rather than scoring it.
 
     math  reference = the answer (or a solution with \\boxed{answer}); see rewards/math.py
     toy   reference = the integer answer string, e.g. "-42"; see rewards/toy.py

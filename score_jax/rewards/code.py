@@ -13,6 +13,7 @@ import os
 import re
 import threading
 
+from score_jax.rewards import math as math_reward_lib
 from score_jax.rewards import sandbox
 
 # Wall-clock limit per program for the registry entry (`completion_reward`); batch callers pass
@@ -33,6 +34,7 @@ def extract_program(completion: str) -> str:
     follows is the model continuing the few-shot pattern), taken after the last `[BEGIN]`
     before it.
     """
+    math_reward_lib.require_str(completion, "completion", "extract_program")
     done = completion.find(_DONE)
     if done >= 0:
         completion = completion[:done]
@@ -60,7 +62,10 @@ def code_reward(program: str, test_code: str, timeout_s: float,
     """(1.0, "passed") if `test_code` runs to its end after `program`, else (0.0, reason).
 
     Starts a fresh sandbox (about 0.1-0.3 s); batch many programs with `code_rewards`.
+    Raises TypeError if `program` or `test_code` is not a str.
     """
+    math_reward_lib.require_str(program, "program", "code_reward")
+    math_reward_lib.require_str(test_code, "test_code", "code_reward")
     return code_rewards([program], [test_code], timeout_s, 1, limits, isolation)[0]
 
 
@@ -79,7 +84,10 @@ def code_rewards(programs: list[str], tests: list[str], timeout_s: float,
 def run_programs(programs: list[str], tests: list[str], timeout_s: float,
                  max_workers: int | None = None, limits: sandbox.Limits = sandbox.Limits(),
                  isolation: str = "bwrap") -> list[sandbox.Outcome]:
-    """Like `code_rewards`, but returns the full outcomes (detail, captured output, time)."""
+    """Like `code_rewards`, but returns the full outcomes (detail, captured output, time).
+    Raises TypeError unless `programs` and `tests` are lists of str."""
+    math_reward_lib.require_str_list(programs, "programs", "run_programs")
+    math_reward_lib.require_str_list(tests, "tests", "run_programs")
     if len(programs) != len(tests):
         raise ValueError(f"got {len(programs)} programs but {len(tests)} test codes; pass one "
                          "test code per program")
@@ -130,10 +138,14 @@ def default_workers(limits: sandbox.Limits = sandbox.Limits()) -> int:
 def completion_reward(completion: str, reference: str) -> float:
     """Registry form: 1.0 if the program in `completion` passes the test code `reference`
     within DEFAULT_TIMEOUT_S, else 0.0."""
+    math_reward_lib.require_str(completion, "completion", "completion_reward")
+    math_reward_lib.require_str(reference, "reference", "completion_reward")
     return code_reward(extract_program(completion), reference, DEFAULT_TIMEOUT_S)[0]
 
 
 def completion_rewards(completions: list[str], references: list[str]) -> list[float]:
     """Batch registry form of `completion_reward` (parallel warm sandboxes)."""
+    math_reward_lib.require_str_list(completions, "completions", "completion_rewards")
+    math_reward_lib.require_str_list(references, "references", "completion_rewards")
     programs = [extract_program(c) for c in completions]
     return [r for r, _ in code_rewards(programs, references, DEFAULT_TIMEOUT_S)]

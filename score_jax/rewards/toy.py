@@ -17,7 +17,8 @@ def answer_text(answer: str) -> str:
 
 
 def extract_answer(completion: str) -> str | None:
-    """Returns the integer (as written) on the last `Answer: <integer>` line, or None."""
+    """Returns the integer (as written) on the last `Answer: <integer>` line, or None. Raises
+    TypeError (from math.extract_answer) if `completion` is not a str."""
     return math_reward_lib.extract_answer(completion, pattern=ANSWER_PATTERN)
 
 
@@ -31,8 +32,11 @@ def toy_reward(completion: str, reference: str) -> float:
     """1.0 if the last `Answer: <integer>` line of `completion` states the integer `reference`
     (compared by value, so `Answer: 007` matches "7"), else 0.0.
 
-    Raises ValueError if `reference` is not an integer (a data bug, not a wrong answer).
+    Raises ValueError if `reference` is not an integer (a data bug, not a wrong answer), and
+    TypeError if either argument is not a str.
     """
+    math_reward_lib.require_str(completion, "completion", "toy_reward")
+    math_reward_lib.require_str(reference, "reference", "toy_reward")
     try:
         expected = int(reference.strip())
     except ValueError:
@@ -44,6 +48,8 @@ def toy_reward(completion: str, reference: str) -> float:
 
 def toy_rewards(completions: list[str], references: list[str]) -> list[float]:
     """`toy_reward` over pairs (cheap: no worker processes)."""
+    math_reward_lib.require_str_list(completions, "completions", "toy_rewards")
+    math_reward_lib.require_str_list(references, "references", "toy_rewards")
     if len(completions) != len(references):
         raise ValueError(f"got {len(completions)} completions but {len(references)} references; "
                          "pass one reference per completion")
