@@ -147,7 +147,7 @@ def layout_difference(saved_metadata, abstract_state) -> str:
     tree = getattr(saved_metadata, "tree", saved_metadata)
     saved, wanted = _leaf_layout(tree), _leaf_layout(abstract_state)
     if len(saved) != len(wanted):
-        return f"{len(saved)} arrays in its train state, {len(wanted)} in this config's"
+        return f"{len(saved)} arrays there, {len(wanted)} here"
     saved_params = {p: (s, d) for p, s, d in saved if p.startswith("params.")}
     for p, s, d in wanted:
         if p.startswith("params.") and saved_params.get(p, (s, d)) != (s, d):
@@ -157,7 +157,7 @@ def layout_difference(saved_metadata, abstract_state) -> str:
     return ""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """A stop signal arrived where nothing could be saved (start-up), or a second one aborted."""
 
     def __init__(self, signum: int):
@@ -266,11 +266,26 @@ def load_params(path: str, abstract_params, how_to_create: str = "") -> dict:
         raise MissingExportError(f"No params export found at {path}{hint}")
     path = _path(path)
     with ocp.StandardCheckpointer() as ckptr:
+        # The metadata first: a restore of mismatched arrays fails inside Orbax's threads and
+        # leaves them printing tracebacks at exit, after the one clear line.
+        try:
+            saved = ckptr.metadata(path).item_metadata
+        except Exception as e:  # noqa: BLE001 - any failure to read it: the export is damaged
+            raise ValueError(f"The export at {path} is unreadable (truncated or partly copied? {type(e).__name__}: "
+                             f"{str(e)[:120]}); write it again or point at another export.") from e
+        tree = getattr(saved, "tree", saved)
+        if not _leaf_layout(tree or {}):  # metadata files cut short read as an empty tree
+            raise ValueError(f"The export at {path} is unreadable (truncated or partly copied? its metadata lists "
+                             "no arrays); write it again or point at another export.")
+        difference = layout_difference({"params": tree}, {"params": abstract_params})
+        if difference:
+            raise ValueError(f"The export at {path} is of another model than this config's ({difference}); "
+                             "point at an export of this preset, or set the preset it was trained with.")
         try:
             return ckptr.restore(path, abstract_params)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"The export at {path} does not match this model config "
-                             f"(different preset or shapes?): {e}") from e
+        except Exception as e:  # noqa: BLE001 - metadata matched: the array data is damaged
+            raise ValueError(f"The export at {path} is unreadable (truncated or partly copied? {type(e).__name__}: "
+                             f"{str(e)[:120]}); write it again or point at another export.") from e
 
 
 def params_digest(params) -> str:

@@ -118,7 +118,11 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-    if "job" not in config:
+    try:
+        has_job = "job" in config  # ml_collections loads the file (lazily) here
+    except OSError as e:
+        raise ConfigError(_unloadable(e)) from None
+    if not has_job:
         raise ConfigError("The config has no `job` field; start from configs/common.py.")
     jobs = _jobs()
     if config.job not in jobs:
@@ -166,6 +170,15 @@ def _start_and_run(config, cfg, run) -> None:
         sys.exit(2)
 
 
+def _unloadable(e: OSError) -> str:
+    """The line for a config file that does not exist or cannot be read (ml_collections loads
+    it lazily: on the first override or the first read of the config)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    where = next((ln for ln in lines[1:] if ln.endswith(".py")), "")
+    return (f"cannot load the config file {where}: {lines[-1]}; pass --config=configs/<job>.py[:arg] "
+            "(the job configs are in configs/).")
+
+
 def _parse_flags(argv):
     """absl's parser, but a bad config file or a misspelt ``--config.x`` override ends with
     one clear line instead of a traceback."""
@@ -176,6 +189,8 @@ def _parse_flags(argv):
         # A config file that raised: its own last line says what is wrong.
         first = lines[0].split(": Error whilst")[0] if "Traceback" in str(e) else ""
         _fail(f"{first + ': ' if first else ''}{lines[-1]} (run with --helpshort for usage)")
+    except OSError as e:
+        _fail(_unloadable(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
         _fail(f"{type(e).__name__}: {msg}")

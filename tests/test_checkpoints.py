@@ -41,8 +41,27 @@ def test_export_of_another_model_is_refused(tmp_path):
     other = model.ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, num_kv_heads=2,
                               head_dim=8, mlp_dim=48)
     checkpoints.export_params(str(tmp_path / "e"), model.init_params(other, jax.random.key(0)))
-    with pytest.raises(ValueError, match="does not match this model config"):
+    with pytest.raises(ValueError, match=r"is of another model than this config's \(params.blocks.attn.k is "
+                                         r"\(2, 16, 2, 8\) float32 there, \(2, 32, 2, 8\) float32 here\)"):
         checkpoints.load_params(str(tmp_path / "e"), _abstract(mesh))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("metadata", "its metadata lists no arrays"),
+    ("data", "is unreadable (truncated or partly copied?"),
+])
+def test_a_truncated_export_is_unreadable_not_another_model(tmp_path, damage, message):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
+    path = tmp_path / "e"
+    checkpoints.export_params(str(path), model.init_params(CFG, jax.random.key(0)))
+    files = [f for f in path.rglob("*") if f.is_file()]
+    for f in files:  # cut every file of one kind short, as an interrupted copy would
+        is_data = f.parent.name == "d"
+        if is_data == (damage == "data") and f.stat().st_size > 20:
+            f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(ValueError) as e:
+        checkpoints.load_params(str(path), _abstract(mesh))
+    assert message in str(e.value) and "another model" not in str(e.value)
 
 
 def test_digest_changes_with_any_bit():

@@ -235,3 +235,23 @@ def test_relative_workdir(tmp_path, data_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     assert _summary(tmp_path / "rel" / "run")["step"] == 4
     assert _complete_steps(tmp_path / "rel" / "run") == [2, 4]
+
+
+@pytest.mark.parametrize("config, overrides, expected", [
+    ("configs/nope.py", [], "Config error: cannot load the config file configs/nope.py: [Errno 2] No such file"),
+    ("configs/stage1.py:tiny,math", [], "task.chat_template is empty (no template is known for this model preset); "
+                                        "set --config.task.chat_template to one of"),
+    ("configs/sft.py:toy", ["--config.init_from={reference}/export"], "is of another model than this config's"),
+    ("configs/sft.py:tiny", ["--workdir=/proc/score_jax_run"], "Cannot write to --workdir=/proc/score_jax_run"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, data_dir, reference, config, overrides, expected):
+    overrides = [o.format(reference=reference[0]) for o in overrides]
+    if not any(o.startswith("--workdir") for o in overrides):
+        overrides.append(f"--workdir={tmp_path / 'run'}")
+    cmd = [sys.executable, "-m", "score_jax.main", f"--config={config}", f"--config.data.data_dir={data_dir}",
+           *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "Event loop is closed" not in p.stderr, p.stderr[-3000:]
+    assert expected in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert not (tmp_path / "run" / "summary.json").exists()
