@@ -9,10 +9,12 @@ Layout under a run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -55,6 +57,7 @@ class Manager:
     def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
         self.directory = _path(workdir) / CHECKPOINT_DIR
         self.every_steps = every_steps
+        self._pending = None  # the step of an asynchronous save not yet known to have finished
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
@@ -65,14 +68,46 @@ class Manager:
 
     def save(self, step: int, state, extra_fn: Callable[[], dict], *, force: bool = False) -> bool:
         """Saves when ``step`` is on the save interval (or ``force``); returns whether it did.
-        ``extra_fn`` is called only when a save happens."""
+        ``extra_fn`` is called only when a save happens. Raises SaveError when this save, or the
+        asynchronous one before it, failed (a full disk, a lost mount)."""
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
         if step in self._mgr.all_steps():
             return False
-        self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra_fn())), force=True)
+        self._check_space(step, state)
+        with self._failing_save():
+            self._mgr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra_fn())), force=True)
+        self._pending = step
         return True
+
+    def _resume_hint(self, failed_step=None) -> str:
+        good = [s for s in self._mgr.all_steps() if s != failed_step]
+        return (f"it resumes from step {max(good)}, the last complete checkpoint." if good else
+                "no checkpoint is complete yet, so it starts again.")
+
+    def _check_space(self, step: int, state) -> None:
+        """SaveError before a save that cannot fit on a local disk (a full disk found by the save
+        itself fails in Orbax's threads, which print tracebacks; this says it in one line)."""
+        need = ensure_space(str(self.directory), state)
+        if need:
+            self.wait()  # the previous save, if any, is complete before the resume hint is given
+            raise SaveError(f"Not enough disk space for the checkpoint of step {step} in {self.directory} ({need}); "
+                            f"free space or move --workdir, then rerun the same command: {self._resume_hint()}")
+
+    @contextlib.contextmanager
+    def _failing_save(self):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax raises ValueError / OSError / RuntimeError alike
+            step, self._pending = self._pending, None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            full = "RESOURCE_EXHAUSTED" in reason or "No space left" in reason
+            raise SaveError(
+                f"Saving the checkpoint{f' of step {step}' if step is not None else ''} to {self.directory} "
+                f"failed ({'the disk is full: ' if full else ''}{reason[:160]}); "
+                f"{'free space or move --workdir' if full else 'check the workdir'}, then rerun the same command: "
+                + self._resume_hint(step)) from e
 
     def restore_latest(self, abstract_state):
         """(step, state, extra) from the newest checkpoint that restores, or None.
@@ -112,15 +147,23 @@ class Manager:
         self._mgr.reload()
 
     def wait(self):
-        self._mgr.wait_until_finished()
+        with self._failing_save():
+            self._mgr.wait_until_finished()
+        self._pending = None
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host: whether every host agreed to stop at this step (jax.distributed)."""
         return jax.process_count() > 1 and self._mgr.reached_preemption(step)
 
     def close(self):
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self._mgr.wait_until_finished()
+        finally:
+            self._mgr.close()
+
+
+class SaveError(ValueError):
+    """A checkpoint could not be written; the message says where, why and what a rerun resumes."""
 
 
 class MismatchError(ValueError):
@@ -213,11 +256,33 @@ class StopRequest:
         return self._event.is_set()
 
 
+# Orbax's files beyond the array bytes (metadata, manifests), and a margin for its chunking.
+_SAVE_OVERHEAD_BYTES, _SAVE_MARGIN = 1 << 20, 1.1
+
+
+def ensure_space(directory: str, tree) -> str:
+    """"" when a save of ``tree`` fits on the disk of local ``directory`` (or it is remote), else
+    "needs about X MB, Y MB free"."""
+    if "://" in directory:
+        return ""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    need = _SAVE_MARGIN * sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                              for x in jax.tree.leaves(tree) if hasattr(x, "shape")) + _SAVE_OVERHEAD_BYTES
+    free = shutil.disk_usage(probe).free
+    return "" if free >= need else f"needs about {need / 2**20:.1f} MB, {free / 2**20:.1f} MB free"
+
+
 def export_params(path: str, params) -> None:
     """Writes params only (no optimiser state) to ``path``, replacing an older export. The new
     export is written beside it and renamed into place, so a failed or interrupted export
     leaves the older one (or none), never a half-written one."""
     path = _path(path)
+    need = ensure_space(str(path.parent), params)
+    if need:
+        raise SaveError(f"Not enough disk space for the params export {path} ({need}); free space or move the "
+                        "workdir, then rerun the same command.")
     tmp = path.parent / f".{path.name}.writing"
     if jax.process_index() == 0 and tmp.exists():
         tmp.rmtree()

@@ -115,6 +115,8 @@ def main(argv):
     # INFO lines (loggers under "score_jax").
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("score_jax").setLevel(logging.INFO)
+    if not os.environ.get("SCORE_JAX_DEBUG"):
+        logging.getLogger("absl").addFilter(_orbax_errors_reported_by_us)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
@@ -161,13 +163,19 @@ def _start_and_run(config, cfg, run) -> None:
     except harness.NonFiniteError as e:
         logging.getLogger("score_jax").error("Training stopped: %s", e)
         sys.exit(3)
-    except (checkpoints.MissingExportError, ValueError) as e:
+    except (checkpoints.MissingExportError, ValueError, OSError) as e:
         # What a user can cause (a missing export, bad data, a config that cannot work) says
         # so in one line; SCORE_JAX_DEBUG=1 shows where it was raised.
         if os.environ.get("SCORE_JAX_DEBUG"):
             raise
         print(f"Error: {e} (SCORE_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def _orbax_errors_reported_by_us(record: logging.LogRecord) -> bool:
+    """Drops Orbax's ERROR records (a failed save logs a traceback from each of its threads):
+    the failure reaches the job as an exception, which main reports in one line."""
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 def _unloadable(e: OSError) -> str:

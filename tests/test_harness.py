@@ -318,3 +318,26 @@ def test_sigterm_saves_and_stops_early(tmp_path, mesh):
         state, extra = run.resume_or_init(init_of(cfg, mesh))
     assert (run.start, extra) == (2, {"k": 2})
     _leaves_equal(state, bump(bump(state0)))
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path, mesh, monkeypatch):
+    cfg, workdir = train_cfg(total_steps=6), str(tmp_path)
+    real = checkpoints.shutil.disk_usage
+
+    def full_after_step_2(path):  # free space runs out once the first checkpoint is written
+        usage = real(path)
+        return usage._replace(free=0) if checkpoints.saved_steps(workdir) else usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", full_after_step_2)
+    steps = Steps()
+    with pytest.raises(checkpoints.SaveError) as e:
+        with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
+            state0, _ = run.resume_or_init(init_of(cfg, mesh))
+            run.loop(state0, steps, dict)
+    assert re.fullmatch(r"Not enough disk space for the checkpoint of step 4 in \S+/checkpoints \(needs about "
+                        r"[0-9.]+ MB, 0.0 MB free\); free space or move --workdir, then rerun the same command: it "
+                        r"resumes from step 2, the last complete checkpoint.", str(e.value)), str(e.value)
+    assert steps.calls == [0, 1, 2, 3] and checkpoints.saved_steps(workdir) == [2]
+    monkeypatch.undo()
+    with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
+        run.resume_or_init(init_of(cfg, mesh))
+    assert run.start == 2

@@ -160,8 +160,12 @@ class Run:
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.manager.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - a failed save already on its way out is reported once
+            if exc_type is None:
+                raise
 
     def identity(self) -> dict:
         """What a checkpoint of this run records about it (checked on resume)."""
