@@ -90,3 +90,14 @@ def test_ranges_check_refuses_non_numbers_and_bools():
         ranges.check("c", C, x="[0, inf)")
     with pytest.raises(ValueError, match=r"^c.y=True must be a number.$"):
         ranges.check("c", C, y="[0, inf)")
+
+
+def test_a_chat_template_unknown_for_the_preset_can_be_set_by_override():
+    cd = _config("stage1", "tiny,math")
+    with pytest.raises(main.ConfigError, match=r"task.chat_template is empty .* set --config.task.chat_template"):
+        main._rl_config(cd)
+    cd.task.chat_template = "gemma"  # what --config.task.chat_template=gemma does
+    assert main._rl_config(cd).task.chat_template == "gemma"
+    cd.task.chat_template = "gemmma"
+    with pytest.raises(main.ConfigError, match=r"task.chat_template='gemmma' is unknown"):
+        main._rl_config(cd)
