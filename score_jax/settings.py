@@ -64,9 +64,9 @@ class TaskConfig:
     def __post_init__(self):
         from score_jax import chat  # the templates live beside their code
         if self.chat_template not in chat.TEMPLATES:
-            what = "is empty (no template is known for this model preset)" if not self.chat_template else \
+            what = " is empty (no template is known for this model preset)" if not self.chat_template else \
                 f"={self.chat_template!r} is unknown"
-            raise ValueError(f"task.chat_template {what}; set --config.task.chat_template to one of "
+            raise ValueError(f"task.chat_template{what}; set --config.task.chat_template to one of "
                              f"{', '.join(sorted(chat.TEMPLATES))}.")
 
 
