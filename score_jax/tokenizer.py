@@ -43,6 +43,11 @@ MODEL_CONFIG_FILE = "config.json"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+class TokenizerNotFoundError(FileNotFoundError, ValueError):
+    """No tokenizer file where one was asked for. A ValueError too, so that main.py reports it
+    in one line (and a FileNotFoundError, as callers caught before)."""
+
+
 class Tokenizer(Protocol):
     """What the rest of score_jax needs from a tokenizer.
 
@@ -81,7 +86,7 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No sentencepiece model at {path}; pass a tokenizer.model file.")
+            raise TokenizerNotFoundError(f"No sentencepiece model at {path}; pass a tokenizer.model file.")
         with open(path, "rb") as f:
             proto = f.read()
         try:
@@ -142,9 +147,17 @@ def _read_config(directory: str, name: str) -> dict:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return {}
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8")) + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                         "restore the checkpoint's original file.") from None
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); restore the checkpoint's original file.") from e
     if not isinstance(value, dict):
@@ -169,7 +182,7 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {JSON_FILE} at {path}; pass a tokenizer.json file or its directory.")
+            raise TokenizerNotFoundError(f"No {JSON_FILE} at {path}; pass a tokenizer.json file or its directory.")
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust library raises a bare Exception on bad files
@@ -263,17 +276,33 @@ def load(path: str | os.PathLike) -> Tokenizer:
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(
-                f"Directory {path} has neither {SENTENCEPIECE_FILE} nor {JSON_FILE}; pass a checkpoint "
-                "directory or tokenizer file, or build the dataset that writes one."
-            )
+            raise TokenizerNotFoundError(_no_tokenizer_in(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise TokenizerNotFoundError(
             f"Tokenizer {path} does not exist; pass a {SENTENCEPIECE_FILE} or {JSON_FILE} file or its directory."
         )
     if path.endswith(".json"):
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)
+
+
+def _no_tokenizer_in(directory: str, shown: int = 5) -> str:
+    """The message for a directory without a tokenizer file: what it holds instead, and which
+    subdirectory (if any: a parent of checkpoint directories) has one."""
+    names = sorted(os.listdir(directory))
+    if not names:
+        holds = "it is empty"
+    else:
+        listed = [n + "/" * os.path.isdir(os.path.join(directory, n)) for n in names[:shown]]
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        holds = f"it holds {', '.join(listed)}{more}"
+    message = f"Directory {directory} has neither {SENTENCEPIECE_FILE} nor {JSON_FILE} ({holds}); "
+    for name in names:
+        sub = os.path.join(directory, name)
+        found = [f for f in (SENTENCEPIECE_FILE, JSON_FILE) if os.path.isfile(os.path.join(sub, f))]
+        if found:
+            return message + f"{sub} has {found[0]}: point config.tokenizer there."
+    return message + "point config.tokenizer at the model's checkpoint directory or its tokenizer file."
 
 
 def train_sentencepiece(

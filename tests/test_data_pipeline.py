@@ -148,7 +148,7 @@ def test_free_form_answers_allowed_when_asked(unique_source, built):
 def test_too_long(unique_source, built):
     tok = built[1]
     source = _with_bad_record(unique_source, 3, response="1+1=2\n" * 30 + "Answer: 2")
-    with pytest.raises(ValueError, match=r"Record 3 is \d+ tokens, longer than seq_len=96; raise seq_len"):
+    with pytest.raises(ValueError, match=r"^Record 3 \(prompt 'What is 13 \+ 7\?'\) is \d+ tokens, longer than seq_len=96; raise seq_len"):
         next(_loader(source, tok, global_batch_size=8))
 
     rows = [r for b in _loader(source, tok, global_batch_size=2, too_long="skip", num_epochs=1) for r in _rows(b)]

@@ -183,8 +183,9 @@ def test_missing_manual_files_fail_before_any_work(tmp_path):
     (tmp_path / "gsm").mkdir()
     _write_jsonl(tmp_path / "gsm" / "train.jsonl", [{"question": "q", "answer": "#### 1"}])
     with pytest.raises(FileNotFoundError, match=r"test\.jsonl \(the official GSM8K files\) in "
-                                                rf"manual_dir {tmp_path}/gsm \(or pass "
-                                                r"manual_dir=\.\.\.\); missing: test\.jsonl\.$"):
+                                                rf"manual_dir {tmp_path}/gsm, or set data.manual_dir "
+                                                r"\(manual_dir= in Python\) to where they are; missing: "
+                                                r"test\.jsonl\.$"):
         _build("gsm8k", tmp_path / "data", tmp_path / "gsm")
 
 

@@ -68,7 +68,7 @@ def _mixed(n_long=2):
 def test_too_long_error_names_the_first_and_counts_all(tok):
     with pytest.raises(ValueError) as e:
         _build(_mixed(), tok, too_long="error")
-    assert str(e.value) == ("2 of 5 prompts are longer than max_prompt_len=8 (record 1 has 10 tokens); raise "
+    assert str(e.value) == ("2 of 5 prompts are longer than max_prompt_len=8; the first is record 1 (prompt '123456'), 10 tokens; raise "
                             "sampling.max_prompt_len (rl.sampling or eval.sampling) or set data.too_long to 'skip' "
                             "or 'truncate'.")
 

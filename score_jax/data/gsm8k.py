@@ -23,6 +23,7 @@ from etils import epath
 from score_jax.data import manual
 
 SPLITS = ("train", "test")
+SIZES = {"train": "7,473", "test": "1,319"}  # problems in the official files
 _FINAL_RE = re.compile(r"^####[ \t]*(.+?)[ \t]*$", re.MULTILINE)
 
 
@@ -69,3 +70,8 @@ class Gsm8k(manual.ManualBuilder):
                     "response": solution,
                 })
         return splits
+
+    def _empty_manual_split(self, split: str, files: dict[str, str], splits) -> str:
+        del splits
+        return (f"{files[split]} has no records, so split {split!r} would be empty; put the "
+                f"complete official GSM8K {split}.jsonl ({SIZES[split]} problems) there.")

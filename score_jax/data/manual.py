@@ -14,6 +14,12 @@ downloaded. Builders of data the user provides are `ManualBuilder`s: they read
 `manual_dir` (default `<data_dir>/downloads/manual/<name>`), and fail before any work, with
 one message naming the files expected there, when those files are missing. An existing build
 is reused as it is; delete its directory to rebuild from changed files.
+
+Bad data fails the build, before anything is written, with a ValueError naming the file (and
+line) and what to do: missing files (`MissingFilesError`, also a FileNotFoundError), a file
+that is not UTF-8 or not JSON (`read_jsonl`, `read_json`), a record without a field
+(`field`), and a file or split with no records (`EmptySplitError`; TFDS itself would stop at
+the empty split with an AssertionError that names no file).
 """
 
 import json
@@ -54,6 +60,13 @@ class TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             supervised_keys=None,
         )
 
+    def _empty_split_message(self, split: str, splits: dict[str, list[dict[str, str]]]) -> str:
+        """Why split `split` of `splits` came out empty and what to do (subclasses name their
+        files)."""
+        del splits
+        return (f"The {self.name} dataset's split {split!r} has no records; rebuild it from "
+                "complete data.")
+
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
         splits = self._read_splits()
@@ -67,6 +80,9 @@ class TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     raise ValueError(f"{self.name} split {split!r} has two records with id "
                                      f"{record['id']!r}; remove the duplicate from the data.")
                 seen.add(record["id"])
+        for split, records in splits.items():
+            if not records:  # TFDS would fail writing it, with an error that names no file
+                raise EmptySplitError(self._empty_split_message(split, splits))
         return {split: self._generate_examples(records) for split, records in splits.items()}
 
     def _generate_examples(self, records: list[dict[str, str]]) -> Iterator[tuple[str, dict]]:
@@ -112,28 +128,79 @@ class ManualBuilder(TextBuilder, skip_registration=True):
     def _read_manual(self, files: Any) -> dict[str, list[dict[str, str]]]:
         raise NotImplementedError
 
+    def _empty_split_message(self, split: str, splits: dict[str, list[dict[str, str]]]) -> str:
+        return self._empty_manual_split(split, self._find_files(self.manual_dir), splits)
+
+    def _empty_manual_split(self, split: str, files: Any,
+                            splits: dict[str, list[dict[str, str]]]) -> str:
+        """Why split `split` of the data read from `files` (what `_find_files` returned) is
+        empty and what to do; subclasses name the file it comes from."""
+        del files, splits
+        return (f"The {self.name} dataset's split {split!r} has no records; put complete "
+                f"files in manual_dir {self.manual_dir}.")
+
+
+class MissingFilesError(FileNotFoundError, ValueError):
+    """Manual files are absent. A ValueError too, so that main.py reports it in one line (and
+    a FileNotFoundError, as callers caught before)."""
+
+
+class EmptySplitError(ValueError):
+    """A split has no records: its file is empty or cut short."""
+
 
 def missing_files_error(dataset: str, manual_dir: str, expected: str,
-                        missing: list[str]) -> FileNotFoundError:
+                        missing: list[str]) -> MissingFilesError:
     """The one error for absent manual files: what is expected, where, and what is missing."""
-    where = (f"manual_dir {manual_dir}" if os.path.isdir(manual_dir)
-             else f"manual_dir {manual_dir} (which does not exist)")
-    return FileNotFoundError(
-        f"The {dataset} dataset is built from files you provide: put {expected} in {where} "
-        f"(or pass manual_dir=...); missing: {', '.join(missing)}.")
+    if os.path.isdir(manual_dir):
+        state = " (which is empty)" if not os.listdir(manual_dir) else ""
+    elif os.path.exists(manual_dir):
+        state = " (which is a file, not a directory)"
+    else:
+        state = " (which does not exist)"
+    return MissingFilesError(
+        f"The {dataset} dataset is built from files you provide: put {expected} in manual_dir "
+        f"{manual_dir}{state}, or set data.manual_dir (manual_dir= in Python) to where they "
+        f"are; missing: {', '.join(missing)}.")
+
+
+def decode_utf8(raw: bytes, path: str, first_line: int = 1) -> str:
+    """`raw` (the bytes of `path` from line `first_line` on) as text; a ValueError naming the
+    file, line and column of the first byte that is not UTF-8. A UTF-8 byte order mark at the
+    start of the file is dropped."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        # Characters before it on its line (all UTF-8: the first bad byte is at e.start).
+        column = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8")) + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                         f"{column}); re-save the file as UTF-8.") from None
+    return text[1:] if first_line == 1 and text.startswith("\ufeff") else text
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """json's complaint without its offsets (they count from the text parsed, not the file)."""
+    return f"{e.msg} at column {e.colno}"
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of the JSON Lines file `path`."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    """(line number, object) for each non-blank line of the JSON Lines file `path`.
+
+    Lines end at \\n (\\r\\n too), as editors number them; a line that is not UTF-8 or not
+    a JSON object fails naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number} is not valid JSON ({e}); fix or "
-                                 "replace the file.") from None
+                cut = ("; the file looks cut off in the middle of that record: replace it with a "
+                       "complete copy." if not raw.endswith(b"\n") else "; fix or replace the file.")
+                raise ValueError(f"{path} line {number} is not valid JSON ({_json_error(e)}){cut}") from None
             if not isinstance(value, dict):
                 raise ValueError(f"{path} line {number} is a JSON {type(value).__name__}, not "
                                  "an object; fix or replace the file.")
@@ -142,11 +209,13 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def read_json(path: str) -> dict[str, Any]:
     """The JSON object in file `path`."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); fix or replace the file.") from None
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno} is not valid JSON ({_json_error(e)}); fix or "
+                         "replace the file.") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or "
                          "replace the file.")

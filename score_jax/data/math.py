@@ -27,10 +27,11 @@ content of the solution's last \\boxed{}, as rewards.math extracts it), response
 solution), level ("Level 5"; "" if absent), type (the subject, e.g. "Precalculus"; from a
 `subject` field if there is no `type`; "" if neither).
 
-A record without problem or solution, and a file that is not valid JSON, fails the build
-naming the file and record. A record whose solution boxes no answer is skipped, counted and
-logged as a warning: MATH has such records (two Number Theory solutions of train write an
-empty `\\boxed{}`), so train holds 7,498 records.
+A record without problem or solution, and a file that is not valid JSON or not UTF-8, fails
+the build naming the file and record (and line); so does a split that would be empty. A
+record whose solution boxes no answer is skipped, counted and logged as a warning: MATH has
+such records (two Number Theory solutions of train write an empty `\\boxed{}`), so train
+holds 7,498 records.
 """
 
 import glob
@@ -92,6 +93,21 @@ class Math(manual.ManualBuilder):
         splits["math500"] = [r for r in splits["test"] if r["id"] in members]
         splits["test_minus_math500"] = [r for r in splits["test"] if r["id"] not in members]
         return splits
+
+    def _empty_manual_split(self, split: str, files: dict[str, str], splits) -> str:
+        del splits
+        manual_dir = self.manual_dir
+        if split == "math500":
+            return (f"{files['math500']} has no records, so split 'math500' would be empty; put "
+                    "PRM800K's MATH500 list (500 lines) there.")
+        if split == "test_minus_math500":
+            return (f"Every test record is listed in {files['math500']}, so split "
+                    "'test_minus_math500' would be empty; put the complete MATH test set (5,000 "
+                    f"problems) in {manual_dir}.")
+        source = (os.path.join(files["root"], split, "") if files["layout"] == "release"
+                  else files[split])
+        return (f"{source} has no records with a boxed answer, so split {split!r} would be "
+                f"empty; put the complete MATH {split} set in {manual_dir}.")
 
 
 def _has_release_dir(root: str, split: str) -> bool:

@@ -13,7 +13,8 @@ rewards.code runs after the program: `code.mbpp_test_code(test_list, test_setup_
 response (the reference program). Code has \\n line endings (the release uses \\r\\n). The
 challenge tests are not used, as in the standard evaluation. A record without one of the
 fields above (challenge_test_list aside), with a field of the wrong type, or with a task id
-below 1 or seen twice, fails the build naming the file and line.
+below 1 or seen twice, fails the build naming the file and line; so does a line cut off or
+not UTF-8. A file without a task of some split (cut short) fails naming the file and split.
 """
 
 import os
@@ -26,6 +27,7 @@ from score_jax.data import manual
 from score_jax.rewards import code
 
 FILE = "mbpp.jsonl"
+NUM_TASKS = 974  # in the original release, ids 1-974
 # Split -> (first task id, last task id), both included.
 SPLIT_IDS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600),
              "train": (601, float("inf"))}
@@ -76,3 +78,15 @@ class Mbpp(manual.ManualBuilder):
                 "response": prompts.normalize_newlines(manual.field(task, "code", where)),
             })
         return splits
+
+    def _empty_manual_split(self, split: str, path: str, splits) -> str:
+        ids = [int(r["id"]) for records in splits.values() for r in records]
+        if not ids:
+            return (f"{path} has no records; replace it with the complete {FILE} "
+                    "(google-research/google-research, mbpp/mbpp.jsonl).")
+        lo, hi = SPLIT_IDS[split]
+        span = f"{lo}-{hi}" if hi != float("inf") else f"{lo} and up"
+        tasks = f"{len(ids)} task" + "s" * (len(ids) != 1)
+        return (f"{path} has no tasks of split {split!r} (task ids {span}), so the file looks cut "
+                f"short ({tasks}, the last task_id {max(ids)}; the original has {NUM_TASKS}): "
+                f"replace it with the complete {FILE}.")

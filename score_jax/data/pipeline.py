@@ -49,6 +49,41 @@ def text_field(record: Mapping[str, Any], field: str, index: int) -> str:
     )
 
 
+def source_name(source: Any) -> str:
+    """``name[split]`` of a TFDS data source (e.g. "math[train+test_minus_math500]"), or "" for
+    other sources; names the split that record indices count in."""
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    name = getattr(info, "name", None)
+    return f"{name}[{split}]" if name and split else ""
+
+
+def _text_or_none(value: Any) -> str | None:
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype == object:
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
+
+
+def record_label(record: Mapping[str, Any], index: int, source: str = "", chars: int = 40) -> str:
+    """How errors name a record so that a user can find it: its index in ``source`` (see
+    `source_name`), its ``id`` if it has one (task datasets: the problem's file, task id, or
+    "<split>/<line>" of the file) and the first ``chars`` characters of its prompt.
+
+    TFDS stores a split in its own order (by the hash of the id), so the index is not the
+    record's line in the file it was built from; the id is what to look for there.
+    """
+    label = f"record {index}" + (f" of {source}" if source else "")
+    details = []
+    record_id = _text_or_none(record.get("id"))
+    if record_id is not None:
+        details.append(f"id {record_id!r}")
+    prompt = _text_or_none(record.get("prompt"))
+    if prompt is not None:
+        details.append(f"prompt {prompt[:chars] + ('...' if len(prompt) > chars else '')!r}")
+    return label + (f" ({', '.join(details)})" if details else "")
+
+
 def tokenize_example(
     record: Mapping[str, Any],
     index: int,
@@ -62,6 +97,7 @@ def tokenize_example(
     correction: str,
     learn: str = "all",
     prompt_template: str = "{prompt}",
+    source: str = "",
 ) -> dict[str, np.ndarray] | None:
     """Renders and tokenises one record into SFT arrays, each int32 [seq_len].
 
@@ -75,7 +111,8 @@ def tokenize_example(
                 tokens[:, 1:] from tokens[:, :-1] weights its losses with loss_mask[:, 1:].
     valid     = 1 on every non-pad position.
 
-    `index` is the record's index in the source, used in errors. Returns None if the example
+    `index` is the record's index in the source (named `source`, see `source_name`), used in
+    errors with the record's id and prompt (`record_label`). Returns None if the example
     is longer than seq_len and too_long == "skip"; with "truncate" keeps the first seq_len
     tokens (an example whose prompt fills seq_len then has no targets).
     """
@@ -103,9 +140,10 @@ def tokenize_example(
     length = len(ids)
     if length > seq_len:
         if too_long == "error":
+            label = record_label(record, index, source)
             raise ValueError(
-                f"Record {index} is {length} tokens, longer than seq_len={seq_len}; raise "
-                "seq_len or set too_long='skip' or 'truncate'."
+                f"{label[0].upper()}{label[1:]} is {length} tokens, longer than seq_len={seq_len}; "
+                "raise seq_len or set too_long='skip' or 'truncate'."
             )
         if too_long == "skip":
             return None
@@ -150,7 +188,8 @@ def sft_loader(
     num_epochs processes may see different numbers of batches; use num_epochs=None when
     several processes train together. Errors from bad records (missing or non-text fields,
     a non-integer answer, or an over-long example under too_long="error") are raised when
-    the record is read and name its index in the source.
+    the record is read and name its index in the source (an over-long one also its id and
+    the start of its prompt).
     """
     if too_long not in TOO_LONG_MODES:
         raise ValueError(f"too_long={too_long!r} is not one of {TOO_LONG_MODES}.")
@@ -184,6 +223,7 @@ def sft_loader(
         correction=correction,
         learn=learn,
         prompt_template=prompt_template,
+        source=source_name(source),
     )
     ds = grain.MapDataset.source(source)
     # After repeat the index runs past the source length; the record index is its remainder.

@@ -7,7 +7,8 @@ once, then served as shuffled, sharded, checkpointable batches.
 
 A prompt is ``chat.encode_prompt(template.first_prompt(prompt_template.format(record)))``:
 bos, the user turn, the model-turn opener. Prompts longer than ``max_prompt_len`` are counted
-and, by ``too_long``, rejected with an error naming the first one ("error"), dropped
+and, by ``too_long``, rejected with an error naming the first one (its index, id and start:
+``pipeline.record_label``) ("error"), dropped
 ("skip"), or cut inside the user text so the turn markers survive ("truncate"); the count
 is logged and kept in ``PromptSet.too_long``.
 """
@@ -91,8 +92,9 @@ def build(source: Sequence[Mapping[str, Any]], tok: tokenizer_lib.Tokenizer, tem
         kept.append(i)
     if over and too_long == "error":
         i, length = first_over
-        raise ValueError(f"{over} of {n} prompts are longer than max_prompt_len={max_prompt_len} "
-                         f"(record {i} has {length} tokens); raise sampling.max_prompt_len (rl.sampling or "
+        first = pipeline.record_label(source[i], i, pipeline.source_name(source))
+        raise ValueError(f"{over} of {n} prompts are longer than max_prompt_len={max_prompt_len}; the first is "
+                         f"{first}, {length} tokens; raise sampling.max_prompt_len (rl.sampling or "
                          "eval.sampling) or set data.too_long to 'skip' or 'truncate'.")
     if over:
         log.warning("%d of %d prompts are longer than max_prompt_len=%d: %s them (data.too_long).",
