@@ -150,10 +150,14 @@ def _start_and_run(config, cfg, run) -> None:
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if cfg.distributed:
-        jax.distributed.initialize()
     from score_jax import checkpoints
     from score_jax.jobs import harness
+    if cfg.distributed:
+        try:
+            harness.init_distributed()
+        except harness.DistributedError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            sys.exit(2)
     workdir = _WORKDIR.value or os.path.join("runs", f"{cfg.job}_{cfg.model_preset}")
     try:
         # Refuses another run's workdir before config.json is written over.

@@ -49,6 +49,14 @@ from jax.sharding import Mesh
 from score_jax import losses, model, sharding
 
 
+def _local_values(x) -> np.ndarray:
+    """The values of ``x`` this process holds, flattened (all of them when it is process-local):
+    what the input checks read; a multi-process array cannot be read whole on one host."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x).ravel()
+    return np.concatenate([np.asarray(s.data).ravel() for s in x.addressable_shards])
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Static shapes and sampling knobs of one sampler program."""
@@ -240,11 +248,11 @@ class Sampler:
         if instruction.shape != (cfg.instruction_len,):
             raise ValueError(f"instruction has shape {instruction.shape}; SamplerConfig.instruction_len is "
                              f"{cfg.instruction_len}.")
-        lens = np.asarray(prompt_lens)
+        lens = _local_values(prompt_lens)
         if lens.min() < 1 or lens.max() > cfg.max_prompt_len:
             raise ValueError(f"prompt_lens must be in [1, {cfg.max_prompt_len}], got {lens.min()}..{lens.max()}.")
         V = self.model_cfg.vocab_size
-        for name, ids in (("prompts", np.asarray(prompts)), ("instruction", np.asarray(instruction))):
+        for name, ids in (("prompts", _local_values(prompts)), ("instruction", _local_values(instruction))):
             if ids.size and (ids.min() < 0 or ids.max() >= V):
                 raise ValueError(f"{name} hold ids outside [0, {V}) (padding included); pad with a real id such as pad_id.")
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

@@ -179,16 +179,17 @@ def test_batches_straddle_epochs():
 
 
 @pytest.mark.parametrize("shards", [2, 4])
-def test_shards_are_the_strided_parts_of_the_global_batch(shards):
+def test_shards_are_the_contiguous_blocks_of_the_global_batch(shards):
     ps = _set(6)
     glob = _stream(ps, 5, global_batch_size=8)
     parts = [_stream(ps, 5, global_batch_size=8, shard_index=k, shard_count=shards) for k in range(shards)]
     for t in range(5):
         for k in range(shards):
             assert parts[k][t]["index"].shape == (8 // shards,)
-            # process k holds stream elements t*G + k, t*G + k + shards, ...
-            np.testing.assert_array_equal(parts[k][t]["index"], glob[t]["index"][k::shards])
-            np.testing.assert_array_equal(parts[k][t]["tokens"], glob[t]["tokens"][k::shards])
+            # process k holds stream elements t*G + k*b .. t*G + (k+1)*b - 1: the rows of its devices
+            b = 8 // shards
+            np.testing.assert_array_equal(parts[k][t]["index"], glob[t]["index"][k * b:(k + 1) * b])
+            np.testing.assert_array_equal(parts[k][t]["tokens"], glob[t]["tokens"][k * b:(k + 1) * b])
 
 
 def test_shards_partition_the_stream_positions():

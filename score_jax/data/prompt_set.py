@@ -114,9 +114,11 @@ def batches(ps: PromptSet, *, global_batch_size: int, seed: int, shard_index: in
     """This process's share of an endless, shuffled stream of prompt batches.
 
     Global batch t holds stream elements [t*G, (t+1)*G) (G = global_batch_size) of a new
-    permutation of the prompts each epoch; process k gets the elements with index = k mod
-    shard_count, i.e. G / shard_count rows: {"tokens" [b, P], "lengths" [b], "index" [b]}
-    (``index`` into ``ps``). ``get_state()`` / ``set_state()`` resume the stream exactly.
+    permutation of the prompts each epoch; process k gets the contiguous block of b = G /
+    shard_count of them starting at t*G + k*b: {"tokens" [b, P], "lengths" [b], "index" [b]}
+    (``index`` into ``ps``), the rows its devices hold of a batch split along the mesh's data
+    axes, so a run's global batch (and each row's sampling key) is the same for any number of
+    processes. ``get_state()`` / ``set_state()`` resume the stream exactly.
     """
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
@@ -127,7 +129,12 @@ def batches(ps: PromptSet, *, global_batch_size: int, seed: int, shard_index: in
         raise ValueError(f"seed={seed} must be in [0, 2**32).")
     tokens, lengths = ps.tokens, ps.lengths
     ds = grain.MapDataset.range(len(ps)).shuffle(seed=seed).repeat(None)
-    ds = ds[shard_index::shard_count]
-    ds = ds.map(lambda i: {"tokens": tokens[i], "lengths": lengths[i], "index": np.int64(i)})
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    return iter(it.batch(global_batch_size // shard_count, drop_remainder=True))
+    b = global_batch_size // shard_count
+    ds = ds.batch(global_batch_size, drop_remainder=True)
+    ds = ds.map(lambda i: _rows(i[shard_index * b:(shard_index + 1) * b], tokens, lengths))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def _rows(index: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> dict:
+    index = np.asarray(index, np.int64)
+    return {"tokens": tokens[index], "lengths": lengths[index], "index": index}

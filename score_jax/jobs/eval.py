@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from score_jax import checkpoints, episodes, evaluate, metrics, model, rewards
+from score_jax import checkpoints, episodes, evaluate, metrics, model, multihost, rewards
 from score_jax import sampler as sampler_lib
 from score_jax import settings, sharding
 from score_jax.data import prompt_set
@@ -181,26 +181,33 @@ def score(reward: rewards.Reward, gen: dict, ps: prompt_set.PromptSet) -> np.nda
     return episodes.score_turns(reward.score_batch, gen["texts"], refs)
 
 
+def gather(gen: dict, correct: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
+    """``generate``'s rows and their ``score`` of every process, in problem-major order (row
+    p * k + j = sample j of problem p), on every process: what the summary and the episode file
+    are made of. Each process decoded and scored only its own rows."""
+    if jax.process_count() == 1:
+        return gen, correct
+    problem = multihost.gather_rows(gen["problem"])
+    order = np.argsort(problem, kind="stable")  # a process's rows of one problem are in sample order
+    texts = [sum(multihost.gather_objects(t), []) for t in gen["texts"]]
+    out = {"texts": [[t[i] for i in order] for t in texts], "problem": problem[order]}
+    for f in ("lengths", "truncated"):
+        out[f] = multihost.gather_rows(gen[f])[:, order]
+    return out, None if correct is None else multihost.gather_rows(correct)[:, order]
+
+
 def summarize(correct: np.ndarray, gen: dict, num_problems: int, k: int) -> dict:
-    """eval.json's metrics from all rows (gathered over hosts first)."""
-    c = _gather(correct).reshape(correct.shape[0], num_problems, k)
+    """eval.json's metrics from every row (``gather``'s)."""
+    c = np.asarray(correct).reshape(correct.shape[0], num_problems, k)
     out = evaluate.self_correction(c)
     if len(gen["texts"]) >= 2:
-        out["edit_ratio"] = float(np.mean(_gather(episodes.edit_ratios(gen["texts"][0], gen["texts"][1]))))
+        out["edit_ratio"] = float(np.mean(episodes.edit_ratios(gen["texts"][0], gen["texts"][1])))
         revised = np.asarray([a != b for a, b in zip(gen["texts"][0], gen["texts"][1])], np.float64)
-        rates = evaluate.revise_rates(_gather(correct[0]), _gather(correct[1]), _gather(revised))
+        rates = evaluate.revise_rates(correct[0], correct[1], revised)
         out["revise"] = {k: float(v) if k in evaluate.REVISE_KEYS else int(v) for k, v in rates.items()}
-    out["mean_length"] = [float(x) for x in _gather(gen["lengths"]).mean(axis=1)]
-    out["truncated_fraction"] = [float(x) for x in _gather(gen["truncated"]).mean(axis=1)]
+    out["mean_length"] = [float(x) for x in np.asarray(gen["lengths"]).mean(axis=1)]
+    out["truncated_fraction"] = [float(x) for x in np.asarray(gen["truncated"]).mean(axis=1)]
     return out
-
-
-def _gather(x: np.ndarray) -> np.ndarray:
-    """Rows of every process, concatenated along the last axis in process order."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    parts = multihost_utils.process_allgather(np.asarray(x))  # [n_proc, ...]
-    return np.concatenate(list(parts), axis=-1)
 
 
 def scaling_study(cfg: model.ModelConfig, params, mesh, ps, tok, task: settings.TaskConfig, ev: settings.EvalConfig,
@@ -211,6 +218,7 @@ def scaling_study(cfg: model.ModelConfig, params, mesh, ps, tok, task: settings.
     S, P = ev.scaling_samples, len(ps)
     sampling = dataclasses.replace(ev.sampling, temperature=ev.scaling_temperature, samples_per_prompt=S)
     gen = generate(cfg, params, mesh, ps, tok, task, sampling, 2, ev.batch_size, key, progress)
+    gen, _ = gather(gen)  # the votes need every row
     answers = np.empty((2, P, S), dtype=object)
     for a in range(2):
         for row, text in enumerate(gen["texts"][a]):
@@ -250,7 +258,7 @@ def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
              for tag in ("eval", "scaling")}
     gen = generate(cfg.model, params, mesh, ps, tok, task, ev.sampling, ev.num_attempts, ev.batch_size,
                    keys.key(root, "eval"), saved["eval"])
-    correct = score(reward, gen, ps)
+    gen, correct = gather(gen, score(reward, gen, ps))  # each process scores its own rows
     result = summarize(correct, gen, len(ps), ev.sampling.samples_per_prompt)
     result.update(params=ev.params, split=ev.split,
                   decoding=dict(num_attempts=ev.num_attempts, batch_size=ev.batch_size,
@@ -274,7 +282,7 @@ def run(cfg: settings.EvalJobConfig, workdir: str) -> dict:
 
 
 def write_episodes(path: str, gen: dict, correct: np.ndarray, ps: prompt_set.PromptSet) -> None:
-    """One JSON line per episode of this host's rows (process 0)."""
+    """One JSON line per episode of ``gather``'s rows (process 0 writes)."""
     if jax.process_index() != 0:
         return
     lines = []

@@ -49,6 +49,57 @@ def make_mesh(cfg: sharding.MeshConfig, batch_size: int, what: str = "batch_size
     return mesh
 
 
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+ENV_INIT_TIMEOUT = "SCORE_JAX_DISTRIBUTED_TIMEOUT"  # seconds to wait for every process (default 300)
+
+
+class DistributedError(ValueError):
+    """The processes of a multi-process run could not form one run (the message says why)."""
+
+
+def init_distributed() -> None:
+    """``jax.distributed.initialize`` for ``--config.distributed=True``: TPU pods, SLURM and the
+    other clusters JAX knows are detected by JAX; elsewhere JAX_COORDINATOR_ADDRESS (host:port
+    of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID are read, so N copies of one command
+    with those three variables form one run. CPU processes exchange data with gloo."""
+    import os
+    env = os.environ
+    kw = {}
+    given = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if env.get(n)]
+    if given:
+        missing = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not env.get(n)]
+        if missing:
+            raise DistributedError(f"{', '.join(given)} set but not {', '.join(missing)}: set all three "
+                                   "(or none, on a TPU pod or under SLURM, where JAX finds them).")
+        try:
+            kw = dict(coordinator_address=env[ENV_COORDINATOR], num_processes=int(env[ENV_NUM_PROCESSES]),
+                      process_id=int(env[ENV_PROCESS_ID]))
+        except ValueError:
+            raise DistributedError(f"{ENV_NUM_PROCESSES}={env[ENV_NUM_PROCESSES]!r} and {ENV_PROCESS_ID}="
+                                   f"{env[ENV_PROCESS_ID]!r} must be integers.") from None
+        if not 0 <= kw["process_id"] < kw["num_processes"]:
+            raise DistributedError(f"{ENV_PROCESS_ID}={kw['process_id']} must be in 0..{kw['num_processes'] - 1} "
+                                   f"({ENV_NUM_PROCESSES}={kw['num_processes']}).")
+    timeout = int(env.get(ENV_INIT_TIMEOUT, "300"))
+    # Gloo: the CPU collectives across processes (XLA's in-process ones cannot span processes);
+    # only the CPU backend reads it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = kw.get("coordinator_address", env.get(ENV_COORDINATOR, "the cluster's coordinator"))
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout, **kw)
+    except (RuntimeError, ValueError) as e:
+        text = str(e)
+        if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "Deadline" in text:
+            raise DistributedError(f"The coordinator at {where} did not answer within {timeout} s (every process "
+                                   f"must start, and process 0 must be reachable there; {ENV_INIT_TIMEOUT} sets "
+                                   "the wait).") from e
+        raise DistributedError(f"jax.distributed could not start ({where}): {text.splitlines()[0][:200]}; on a "
+                               f"machine that is not a TPU pod or a SLURM job, set {ENV_COORDINATOR}, "
+                               f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}.") from e
+    log.info("Process %d of %d (coordinator %s), %d local devices of %d.", jax.process_index(),
+             jax.process_count(), where, jax.local_device_count(), jax.device_count())
+
+
 IDENTITY_FILE = "identity.json"
 # The model fields a checkpoint's arrays depend on (dtype, remat and the like do not).
 SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
