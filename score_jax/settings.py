@@ -85,7 +85,7 @@ class SamplingConfig:
     def __post_init__(self):
         ranges.check("sampling", self, max_prompt_len="[1, inf)", max_new_tokens="[1, inf)",
                      temperature="[0, inf)", top_k="[0, inf)", top_p="(0, 1]", samples_per_prompt="[1, inf)",
-                     chunk_len="[1, inf)")
+                     chunk_len="[0, inf)")  # 0 = one chunk per turn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -236,3 +236,29 @@ def sft_loader(
     it = it.filter(lambda ex: ex is not None)
     it = it.batch(global_batch_size // shard_count, drop_remainder=True)
     return iter(it)
+
+
+def saved_positions(states: Sequence[Mapping[str, Any]], shard_count: int) -> dict:
+    """What a checkpoint keeps of the ``sft_loader`` iterators of all ``shard_count`` shards
+    (their ``get_state()``, in shard order): enough to resume them on any number of shards."""
+    return {"shards": shard_count, "next_index": [int(s["next_index"]) for s in states]}
+
+
+def resume_state(saved: Mapping[str, Any], shard_index: int, shard_count: int) -> dict:
+    """The ``set_state`` argument of shard ``shard_index`` of ``shard_count`` from
+    ``saved_positions`` (or one shard's own ``get_state()``, as older checkpoints hold).
+
+    Shard k of n has read stream elements k, k + n, ..., so its ``next_index`` i says the
+    stream is read up to i * n. With as many shards as were saved, each resumes exactly where
+    it was. With another count, the stream resumes at the least position any shard reached
+    (every shard reached the same one unless too_long="skip" dropped records unevenly), each
+    new shard at its own index from there: the same global batches an uninterrupted run reads.
+    """
+    if "shards" not in saved:
+        return dict(saved)
+    n, positions = int(saved["shards"]), [int(i) for i in saved["next_index"]]
+    if n == shard_count:
+        return {"next_index": positions[shard_index]}
+    read = min(i * n for i in positions)  # stream elements [0, read) were read by every shard
+    return {"next_index": -(-read // shard_count)}
+

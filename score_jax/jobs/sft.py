@@ -10,7 +10,7 @@ import functools
 import jax
 import numpy as np
 
-from score_jax import chat, learner, model, optim, settings
+from score_jax import chat, learner, model, multihost, optim, settings
 from score_jax.data import pipeline
 from score_jax.jobs import harness, inputs, keys
 
@@ -58,7 +58,7 @@ def run(cfg: settings.TrainConfig, workdir: str, source=None, learn: str = "all"
     with harness.Run(cfg, workdir, tx, mesh) as run:
         state, progress = run.resume_or_init(init)
         if progress:
-            batches.set_state(_state(progress["data"]))
+            batches.set_state(pipeline.resume_state(progress["data"], jax.process_index(), jax.process_count()))
 
         # -------------------------------------------------------------- update step
         step_fn = functools.partial(
@@ -67,15 +67,7 @@ def run(cfg: settings.TrainConfig, workdir: str, source=None, learn: str = "all"
             lr_at=optim.schedule(cfg.optim, cfg.total_steps), grad_accum_steps=cfg.optim.grad_accum_steps)
 
         # -------------------------------------------------------------- loop, export and summary
-        out = run.loop(state, step_fn, lambda: {"data": _text(batches.get_state())})
+        out = run.loop(state, step_fn, lambda: {"data": pipeline.saved_positions(
+            multihost.gather_objects(batches.get_state()), jax.process_count())})
         return run.finish(out)
 
-
-def _text(data_state):
-    """grain's iterator state as JSON (bytes become text)."""
-    return data_state.decode() if isinstance(data_state, bytes) else data_state
-
-
-def _state(saved):
-    """grain's iterator state from its JSON form (text becomes bytes again)."""
-    return saved.encode() if isinstance(saved, str) else saved
