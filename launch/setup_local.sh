@@ -24,5 +24,9 @@ fi
 .venv/bin/python -m pip install -q -r requirements.txt
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
+  # libtpu for the plan's tests (score_jax.plan compiles for TPU topologies on CPU), kept out of
+  # .venv's site-packages: installed there, every JAX process would try to start a TPU.
+  [ -d .venv/libtpu/libtpu ] || .venv/bin/python -m pip install -q --no-deps --target .venv/libtpu \
+    -r requirements-plan.txt
 fi
 echo "setup: done (.venv ready)" >&2

@@ -152,6 +152,7 @@ def make_reference_logprobs(cfg: model.ModelConfig, mesh: Mesh, batch_shapes: di
     def run(ref_params, batch):
         return jitted(ref_params, {k: batch[k] for k in REF_KEYS})
 
+    run.lower = lambda ref_params, batch: jitted.lower(ref_params, {k: batch[k] for k in REF_KEYS})
     return run
 
 

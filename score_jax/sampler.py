@@ -261,6 +261,11 @@ class Sampler:
         out, self._cache = self._run(params, prompts, prompt_lens, instruction, key, cache)
         return out
 
+    def lower(self, params, prompts, prompt_lens, instruction, key, cache):
+        """The rollout program lowered for abstract arguments (score_jax.plan): nothing runs."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(params, prompts, prompt_lens, instruction, key, cache)
+
     def pack(self, out: dict, prompts, instruction) -> dict:
         """``pack_episodes`` of this sampler's output ``out`` (and the prompts [B,P] and
         instruction [I] it was called with), jit on the sampler's mesh: the episode arrays of a

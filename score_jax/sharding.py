@@ -156,6 +156,11 @@ def on_mesh(mesh: Mesh, fn: Callable) -> Callable:
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
 
+    def lower(*args, **kwargs):  # ahead of time (score_jax.plan): abstract arguments, nothing run
+        with jax.set_mesh(mesh):
+            return fn.lower(*args, **kwargs)
+
+    run.lower = lower
     return run
 
 
