@@ -21,6 +21,8 @@ import dataclasses
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -62,7 +64,6 @@ def init_distributed() -> None:
     other clusters JAX knows are detected by JAX; elsewhere JAX_COORDINATOR_ADDRESS (host:port
     of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID are read, so N copies of one command
     with those three variables form one run. CPU processes exchange data with gloo."""
-    import os
     env = os.environ
     kw = {}
     given = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if env.get(n)]
@@ -80,19 +81,33 @@ def init_distributed() -> None:
         if not 0 <= kw["process_id"] < kw["num_processes"]:
             raise DistributedError(f"{ENV_PROCESS_ID}={kw['process_id']} must be in 0..{kw['num_processes'] - 1} "
                                    f"({ENV_NUM_PROCESSES}={kw['num_processes']}).")
-    timeout = int(env.get(ENV_INIT_TIMEOUT, "300"))
+    try:
+        timeout = int(env.get(ENV_INIT_TIMEOUT, "300"))
+    except ValueError:
+        raise DistributedError(f"{ENV_INIT_TIMEOUT}={env[ENV_INIT_TIMEOUT]!r} must be a whole number of "
+                               "seconds.") from None
     # Gloo: the CPU collectives across processes (XLA's in-process ones cannot span processes);
     # only the CPU backend reads it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     where = kw.get("coordinator_address", env.get(ENV_COORDINATOR, "the cluster's coordinator"))
+    # JAX aborts the process (a C++ check failure, no Python error) when the processes do not
+    # all meet in time; this watchdog says so first, in one line.
+    joined = threading.Event()
+
+    def watchdog():
+        if not joined.wait(timeout):
+            who = f"process {kw['process_id']} of {kw['num_processes']}" if kw else "this process"
+            print(f"Error: the processes did not all meet the coordinator at {where} within {timeout} s ({who}); "
+                  f"start every process with the same {ENV_COORDINATOR} (process 0 listens there), or raise "
+                  f"{ENV_INIT_TIMEOUT}.", file=sys.stderr, flush=True)
+            os._exit(2)
+    threading.Thread(target=watchdog, name="distributed-watchdog", daemon=True).start()
     try:
-        jax.distributed.initialize(initialization_timeout=timeout, **kw)
+        jax.distributed.initialize(initialization_timeout=timeout + 60, **kw)
+        joined.set()
     except (RuntimeError, ValueError) as e:
+        joined.set()
         text = str(e)
-        if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "Deadline" in text:
-            raise DistributedError(f"The coordinator at {where} did not answer within {timeout} s (every process "
-                                   f"must start, and process 0 must be reachable there; {ENV_INIT_TIMEOUT} sets "
-                                   "the wait).") from e
         raise DistributedError(f"jax.distributed could not start ({where}): {text.splitlines()[0][:200]}; on a "
                                f"machine that is not a TPU pod or a SLURM job, set {ENV_COORDINATOR}, "
                                f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}.") from e
