@@ -111,6 +111,7 @@ def _abstract(tree, shardings):
 
 def _compile(name: str, fn, args, chip: Chip, out: dict):
     t0 = time.perf_counter()
+    print(f"plan: compiling {name}...", file=sys.stderr, flush=True)
     lowered = fn.lower(*args)
     try:
         compiled = lowered.compile()
@@ -126,6 +127,7 @@ def _compile(name: str, fn, args, chip: Chip, out: dict):
                      "compiler_out_of_memory": text.splitlines()[0][:300]}
         return None
     seconds = time.perf_counter() - t0
+    print(f"plan: {name} compiled in {seconds:.0f} s", file=sys.stderr, flush=True)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
