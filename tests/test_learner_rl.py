@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import EPS, assert_close_f32, decoder_terms, f32_tol, grad_terms, logprob_scale
 from score_jax import learner, model, optim, sampler, settings, sharding
 
 CFG = model.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -85,14 +86,22 @@ def test_learner_scores_the_sampled_tokens_and_kl_to_itself_is_zero():
     mesh, rl, tx = mesh_of(), rl_cfg(), opt()
     ref, step = steps_for(mesh, rl, tx, scfg, 16, stage=1)
     lp1, lp2 = ref(params, ep)
-    # The reference is the policy here: its log-probs are the sampler's, token for token.
+    # The reference is the policy here: its log-probs are the sampler's, token for token, up to
+    # float32 rounding (a full forward vs the sampler's KV cache, then a log-softmax over V).
+    T = scfg.episode_len()
+    logits = model.forward(CFG, params, ep["tokens"], np.broadcast_to(np.arange(T), (16, T)), ep["valid"])[0]
+    lp_terms, lp_scale = decoder_terms(CFG, T) + CFG.vocab_size, logprob_scale(np.asarray(logits)[ep["valid"]])
     for lp, turn in ((lp1, out["turns"][0]), (lp2, out["turns"][1])):
-        np.testing.assert_allclose(np.asarray(lp)[turn["mask"]], turn["logprobs"][turn["mask"]], atol=1e-5)
+        assert_close_f32(np.asarray(lp)[turn["mask"]], turn["logprobs"][turn["mask"]], lp_terms, magnitude=lp_scale)
     state = learner.init_state(CFG, tx, mesh, jax.random.key(0), params)
     _, m = step(state, ep, lp1, lp2)
     m = jax.device_get(m)
-    assert m["logp_gap"] < 1e-5
-    assert m["kl1"] == 0.0 and m["kl2"] == 0.0 and m["kl_loss1"] == 0.0 and m["kl_loss2"] == 0.0
+    # The step's forward (under grad) against the sampler's and against the reference program's:
+    # each log-prob off by at most `gap`, so k2 = (logp - ref)^2 / 2 is at most gap^2 / 2.
+    gap = f32_tol(lp_scale, lp_terms)
+    assert m["logp_gap"] < gap
+    for key in ("kl1", "kl2", "kl_loss1", "kl_loss2"):
+        assert 0.0 <= m[key] <= gap ** 2 / 2, (key, m[key])
     assert m["len1"] == out["turns"][0]["lengths"].mean() and m["len2"] == out["turns"][1]["lengths"].mean()
     assert m["entropy1"] > 0 and m["entropy2"] > 0
 
@@ -127,8 +136,11 @@ def test_per_turn_credit_reaches_only_the_credited_turns(stage):
 
     want = jax.grad(expected_loss)(params)
     got = jax.grad(lambda p: learner.rl_loss(CFG, rl, p, ep, zeros, zeros, stage=stage, loss_chunk=0)[0])(params)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, atol=1e-7, rtol=1e-5)
+    # The same forward, then the advantages and normalisation written another way: rounding of
+    # the backward pass's reductions (per leaf, each at its own scale).
+    T = scfg.episode_len()
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        assert_close_f32(g, w, grad_terms(CFG, T, 16 * T), err_msg=jax.tree_util.keystr(path))
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got)) > 1e-4  # not vacuous
 
 
@@ -139,9 +151,11 @@ def test_sharded_rl_step_equals_one_device(mesh_shape):
     ep["r1"] = np.tile([0, 1, 1, 0], 4).astype(np.float32)
     ep["r2"] = np.tile([1, 1, 0, 0], 4).astype(np.float32)
     ref_params = jax.tree.map(lambda x: x * 0.9, params)  # a reference that differs: KL > 0
-    # Adam with a large eps: a tiny gradient summed in another order must not flip a full-size
-    # update (with eps=1e-8 any near-zero gradient gets an update of +-lr, whatever its bits).
-    rl, tx = rl_cfg(), opt(1e-3, eps=1e-2)
+    # Adam with eps = 1: a gradient off by dg (the mesh sums in another order) moves an update
+    # lr g / (|g| + eps) by at most lr dg / eps, far below a float32 step of p; with eps = 1e-8
+    # any near-zero gradient would get an update of +-lr, whatever its bits.
+    lr, eps = 1e-3, 1.0
+    rl, tx = rl_cfg(), opt(lr, eps=eps)
     results = []
     for shape in (None, mesh_shape):
         mesh = mesh_of(shape)
@@ -152,13 +166,32 @@ def test_sharded_rl_step_equals_one_device(mesh_shape):
         state = learner.init_state(CFG, tx, mesh, jax.random.key(0), params)
         state, m = step(state, batch, *lp)
         state, m2 = step(state, batch, *lp)  # two steps: the optimiser state is sharded too
-        results.append(jax.device_get((state["params"], m, m2)))
-    (p0, m0, n0), (p1, m1, n1) = results
-    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, atol=2e-6)
+        results.append(jax.device_get((state["params"], m, m2, lp)))
+    (p0, m0, n0, (ref1, ref2)), (p1, m1, n1, _) = results
+    T = scfg.episode_len()
+    g_terms = grad_terms(CFG, T, 16 * T)
+    # Gradient entries are at most grad_norm in size; each of two steps moves an update by at
+    # most ~2 lr dg / eps (m and v both move at step 2) and rounds p once.
+    dg = f32_tol(max(m0["grad_norm"], n0["grad_norm"]), g_terms)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p0)):
+        atol = 3 * lr / eps * dg + 2 * EPS * np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+    # Each metric against the size of the per-token or per-row values it averages: log-probs
+    # (logprob_scale) times the advantages for the policy-gradient terms, 2 |logp - ref| times
+    # that for the k2 KL (and beta1 times that for its loss terms), the log-probs for entropy
+    # and logp_gap; grad_norm at its own size through the gradient's reductions; the rest come
+    # from rewards, masks and counts (advantages up to 2 (1 + alpha) = 22 in size).
+    logits = model.forward(CFG, params, ep["tokens"], np.broadcast_to(np.arange(T), (16, T)), ep["valid"])[0]
+    lps, adv = logprob_scale(np.asarray(logits)[ep["valid"]]), 2 * (1 + rl.alpha)
+    dkl = max(np.abs(ep[f"logp{t}_sampler"] - ref)[ep[f"mask{t}"]].max() for t, ref in ((1, ref1), (2, ref2)))
+    scale = dict(loss=adv * lps, pg1=adv * lps, pg2=adv * lps, kl1=2 * dkl * lps, kl2=2 * dkl * lps,
+                 kl_loss1=rl.beta1 * 2 * dkl * lps, kl_loss2=rl.beta1 * 2 * dkl * lps, entropy1=lps, entropy2=lps,
+                 logp_gap=lps)
+    lp_terms = decoder_terms(CFG, T) + CFG.vocab_size + 16 * N
     for k in m0:
-        np.testing.assert_allclose(m1[k], m0[k], atol=1e-5, rtol=1e-5, err_msg=k)
-        np.testing.assert_allclose(n1[k], n0[k], atol=1e-5, rtol=1e-5, err_msg=k)
+        for got, want in ((m1[k], m0[k]), (n1[k], n0[k])):
+            assert_close_f32(got, want, g_terms if k == "grad_norm" else lp_terms,
+                             magnitude=scale.get(k, max(abs(float(want)), adv)), err_msg=k)
     assert m0["kl1"] > 0 and m0["kl2"] > 0
 
 
@@ -182,14 +215,20 @@ def _stage1_run(beta2: float, steps: int = 25) -> list[dict]:
 
 def test_stage1_learns_turn2_while_beta2_holds_turn1_to_the_reference():
     """25 Stage I steps raise the turn-2 reward from the random base's ~1/8; with beta2 = 1 the
-    turn-1 distribution stays close to the reference (its KL a fraction of turn 2's), while
-    without it (beta2 = 0) turn 1 drifts as far as turn 2."""
+    turn-1 distribution stays close to the reference (its KL a fraction of the KL without the
+    anchor, beta2 = 0, where turn 1 drifts with turn 2) and its reward near the base rate.
+
+    Rollouts are sampled, so one draw that float rounding flips (another CPU, another XLA)
+    gives another trajectory: the bounds hold over 20 sampling seeds (the extremes seen are in
+    the comments), not only for this one."""
     anchored, free = _stage1_run(beta2=1.0), _stage1_run(beta2=0.0)
     mean = lambda h, key: float(np.mean([x[key] for x in h]))  # noqa: E731
-    assert mean(anchored[:5], "reward2") < 0.3 and mean(anchored[-5:], "reward2") > 0.6
-    assert mean(free[-5:], "reward2") > 0.6
-    kl1, kl2, kl1_free = mean(anchored[-5:], "kl1"), mean(anchored[-5:], "kl2"), mean(free[-5:], "kl1")
-    assert kl1 < 0.25 * kl2, (kl1, kl2)
-    assert kl1 < 0.25 * kl1_free, (kl1, kl1_free)
+    assert mean(anchored[:3], "reward2") < 0.3  # <= 0.23
+    assert mean(anchored[-5:], "reward2") > mean(anchored[:5], "reward2") + 0.15  # gain >= 0.24
+    assert mean(free[-5:], "reward2") > 0.6  # >= 0.91
+    kl1, kl1_free = mean(anchored[-5:], "kl1"), mean(free[-5:], "kl1")
+    # (Turn 1's KL against turn 2's of the same run does not tell the runs apart: 0.14-0.83 of it
+    # anchored, 0.49-1.42 free.)
+    assert kl1 < 0.5 * kl1_free, (kl1, kl1_free)  # <= 0.28
     # The turn-1 reward is not trained in Stage I: it stays near the base rate when anchored.
-    assert mean(anchored[-5:], "reward1") < 0.3
+    assert mean(anchored[-5:], "reward1") < 0.3  # <= 0.23

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close_f32
 from score_jax import losses
 
 # ---- shaped rewards ------------------------------------------------------------------------
@@ -203,7 +204,9 @@ def test_stage1_no_policy_gradient_into_turn1(normalize, estimator):
     (g1, *_), m = grads(**kw)
     kl_only = jax.grad(lambda lp: 0.25 * losses.reduce_tokens(
         losses.kl_per_token(lp, ref1, estimator), MASK1, normalize))(logp1)  # beta2 KL(turn 1)
-    np.testing.assert_array_equal(g1, kl_only)
+    # The same terms, though score_loss may order its products and sums otherwise: a few ulps
+    # (masked entries exactly 0 in both).
+    np.testing.assert_allclose(g1, kl_only, rtol=1e-6, atol=0)
     # Whatever the rewards, turn 1's gradient is the same: no reward reaches it.
     (g1_other, *_), _ = grads(**kw, r1=jnp.array([0.0, 1.0, 1.0, 0.0]),
                               r2=jnp.array([0.0, 1.0, 0.0, 1.0]))
@@ -279,12 +282,14 @@ def test_score_loss_jit_compiles_and_matches_eager():
     eager, m_eager = losses.score_loss(**kw)
     jitted = jax.jit(losses.score_loss, static_argnames=STATIC)
     got, m_got = jitted(**kw)
-    np.testing.assert_allclose(got, eager, rtol=1e-6)
-    np.testing.assert_allclose(m_got["adv2_std"], m_eager["adv2_std"], rtol=1e-6)
+    # jit may fuse and reorder: the loss sums 12 + 8 terms of size up to |A| |log pi| = 10 (the
+    # policy-gradient terms cancel to pg2 = 0); adv2_std is a mean of 4 squares of |A| <= 10.
+    assert_close_f32(got, eager, 20, magnitude=10.0)
+    assert_close_f32(m_got["adv2_std"], m_eager["adv2_std"], 4, magnitude=10.0)
     # alpha and the betas may be traced (e.g. a schedule).
     traced = jax.jit(functools.partial(losses.score_loss, **{k: kw[k] for k in STATIC}))
     rest = {k: v for k, v in kw.items() if k not in STATIC}
-    np.testing.assert_allclose(traced(**rest)[0], eager, rtol=1e-6)
+    assert_close_f32(traced(**rest)[0], eager, 20, magnitude=10.0)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import contiguous_cache
+from numerics import assert_close_f32, decoder_terms, grad_terms
 from score_jax import model, sharding
 
 # See tests/test_model.py: same numbers, about 4x less XLA:CPU compile time.
@@ -62,13 +63,17 @@ def test_mesh_matches_one_device(shape, one_device):
                        compiler_options=FAST_COMPILE)
         (loss, logits), grads = step(jax.device_put(params, p_shard), jax.device_put(tokens, b_shard))
     assert logits.sharding.is_equivalent_to(logits_shard, 3)
-    np.testing.assert_allclose(loss, want_loss, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=1e-5)
+    # Sharded matmuls sum their partial products in another order (and across devices): float32
+    # rounding through the layers, then the loss's log-softmax over V and mean over 8 x 11
+    # tokens, and the gradient's sum over all 8 x 12 positions.
+    B, T = tokens.shape
+    assert_close_f32(loss, want_loss, decoder_terms(CFG, T) + CFG.vocab_size + B * (T - 1), err_msg="loss")
+    assert_close_f32(logits, want_logits, decoder_terms(CFG, T), err_msg="logits")
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         want = want_grads
         for k in path:
             want = want[k.key]
-        np.testing.assert_allclose(g, want, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+        assert_close_f32(g, want, grad_terms(CFG, T, B * T), err_msg=jax.tree_util.keystr(path))
 
 
 def test_cached_decoding_on_a_mesh_matches_one_device():
@@ -93,7 +98,12 @@ def test_cached_decoding_on_a_mesh_matches_one_device():
         got = jax.jit(run, in_shardings=(p_shard, c_shard), out_shardings=(None, None, c_shard),
                       compiler_options=FAST_COMPILE)(jax.device_put(params, p_shard), jax.device_put(cache, c_shard))
     assert got[2]["k"].sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, want)
+    got, want = jax.device_get((got, want))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        if np.issubdtype(b.dtype, np.integer):  # positions and the write index: exact
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+        else:  # logits and cached k/v, summed in another order on the mesh (12 cache slots)
+            assert_close_f32(a, b, decoder_terms(CFG, 12), err_msg=jax.tree_util.keystr(path))
 
 
 # ----------------------------------------------------------------------------- rules
