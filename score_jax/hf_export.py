@@ -43,6 +43,8 @@ def export(params_path: str, like: str, out: str, dtype: str | None = None) -> l
         if _inside(out, source) or _inside(source, out):
             raise ValueError(f"--out={out} overlaps {name}={source}: writing it would overwrite or delete the "
                              "source weights; choose a directory outside both.")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r}; choose float32, bfloat16 or float16 (or leave it out: the params').")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out={out} is a file; pass a directory.")
     checkpoints.require_export(params_path, "params", "any training job writes <workdir>/export at its end")

@@ -117,6 +117,7 @@ def main(argv):
     logging.getLogger("score_jax").setLevel(logging.INFO)
     if not os.environ.get("SCORE_JAX_DEBUG"):
         logging.getLogger("absl").addFilter(_orbax_errors_reported_by_us)
+        sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
@@ -172,7 +173,8 @@ def _start_and_run(config, cfg, run) -> None:
         # so in one line; SCORE_JAX_DEBUG=1 shows where it was raised.
         if os.environ.get("SCORE_JAX_DEBUG"):
             raise
-        print(f"Error: {e} (SCORE_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+        print(f"Error: {e}{where} (SCORE_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -180,6 +182,18 @@ def _orbax_errors_reported_by_us(record: logging.LogRecord) -> bool:
     """Drops Orbax's ERROR records (a failed save logs a traceback from each of its threads):
     the failure reaches the job as an exception, which main reports in one line."""
     return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_closed_loops(hook):
+    """After a failed Orbax read or write, TensorStore's callbacks reach an asyncio loop Orbax
+    has closed and each prints "RuntimeError: Event loop is closed" (an unraisable exception):
+    noise after the failure, which is reported once, in one line."""
+    def quiet(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        hook(unraisable)
+    return quiet
 
 
 def _unloadable(e: OSError) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -41,9 +42,8 @@ class Writer:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
             if self._jsonl.exists():
-                keep = [ln for ln in self._jsonl.read_text().splitlines()
-                        if ln and json.loads(ln)["step"] <= first_step]
-                self._jsonl.write_text("".join(ln + "\n" for ln in keep))
+                keep = [r for r in read_jsonl(str(self._jsonl)) if r.get("step", first_step + 1) <= first_step]
+                self._jsonl.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
 
     def scalars(self, step: int, values: dict) -> None:
         if self._tb is None:
@@ -83,11 +83,25 @@ def read_json(path: str):
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSON-lines file (metrics.jsonl, samples.jsonl); [] if it does not exist."""
+    """The rows of a JSON-lines file (metrics.jsonl, samples.jsonl); [] if it does not exist. A
+    line that is not a JSON object (the one being written when a process died or the disk
+    filled) is skipped with a warning: a log must never stop a run from resuming."""
     path = epath.Path(path)
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for n, ln in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            logging.getLogger(__name__).warning("%s line %d is not a JSON object (cut short?); skipped.", path, n)
+    return rows
 
 
 def write_json(path: str, obj) -> None:

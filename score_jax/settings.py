@@ -8,6 +8,11 @@ import dataclasses
 from score_jax import checkpoints, model, optim, ranges, sharding
 
 
+# score_jax.data.BUILDERS' names (kept here so that checking a config does not import TFDS;
+# tests/test_config_ranges.py keeps the two equal).
+DATASETS = ("gsm8k", "humaneval", "math", "mbpp", "toy_arithmetic")
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -26,6 +31,8 @@ class DataConfig:
 
     def __post_init__(self):
         ranges.check("data", self, num_train="[0, inf)", num_test="[0, inf)")
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name={self.name!r}; choose one of {', '.join(DATASETS)}.")
         if self.too_long not in ("error", "skip", "truncate"):
             raise ValueError(f"data.too_long={self.too_long!r}; choose error, skip or truncate.")
 

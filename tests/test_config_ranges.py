@@ -101,3 +101,12 @@ def test_a_chat_template_unknown_for_the_preset_can_be_set_by_override():
     cd.task.chat_template = "gemmma"
     with pytest.raises(main.ConfigError, match=r"task.chat_template='gemmma' is unknown"):
         main._rl_config(cd)
+
+
+def test_dataset_names_are_the_builders_and_a_wrong_one_is_refused_when_typed():
+    from score_jax import data, settings
+    assert settings.DATASETS == tuple(sorted(data.BUILDERS))
+    cd = _config("sft", "tiny")
+    cd.data.name = "nope"
+    with pytest.raises(main.ConfigError, match=r"data.name='nope'; choose one of gsm8k, humaneval, math"):
+        main._sft_config(cd)

@@ -103,7 +103,7 @@ def test_a_stopped_eval_resumes_at_its_next_batch_with_the_same_results(tmp_path
     assert f"resuming after {len(saved) - 1} saved batches" in p.stderr
     assert _metrics(wd) == _metrics(ref)
     assert (wd / "episodes.jsonl").read_text() == (ref / "episodes.jsonl").read_text()
-    assert not list((wd / "eval_progress").iterdir())
+    assert not (wd / "eval_progress").exists()
     # Another evaluation in the same workdir is refused before any work.
     p = _eval(wd, data_dir, params, "--config.eval.num_problems=20", "--config.eval.batch_size=4", check=False)
     assert p.returncode == 2 and "eval.num_problems: 40 there, 20 here" in p.stderr, p.stderr[-2000:]

@@ -218,6 +218,7 @@ def _snapshot(workdir):
     (dict(job="stage1"), "job: 'sft' there, 'stage1' here"),
     (dict(model_preset="tiny"), "model_preset: 'test' there, 'tiny' here"),
     (dict(model=dataclasses.replace(CFG, d_model=64)), "model.d_model: 32 there, 64 here"),
+    (dict(data=dataclasses.replace(train_cfg().data, num_train=16)), "data.num_train: 8 there, 16 here"),
     (dict(optim=dataclasses.replace(train_cfg().optim, grad_accum_steps=2)),
      "optimizer: 'apply_if_finite(chain(adamw))' there, 'MultiSteps(apply_if_finite(chain(adamw)), every 2)' here"),
 ])
@@ -341,3 +342,41 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp
     with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
         run.resume_or_init(init_of(cfg, mesh))
     assert run.start == 2
+
+
+def test_without_identity_json_config_json_waits_for_the_checkpoint_check(tmp_path, mesh):
+    cfg, workdir = train_cfg(total_steps=2), str(tmp_path)
+    harness.start(cfg, workdir, {"first": True})
+    _finished_run(cfg, workdir, mesh)
+    (tmp_path / harness.IDENTITY_FILE).unlink()  # a workdir written before identity.json
+    other = dataclasses.replace(cfg, seed=1)
+    harness.start(other, workdir, {"second": True})
+    with harness.Run(other, workdir, tx_of(other), mesh) as run:
+        with pytest.raises(harness.WorkdirError, match="seed: 0 there, 1 here"):
+            run.resume_or_init(init_of(other, mesh))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"first": True}
+    harness.start(cfg, workdir, {"third": True})  # the same run: written once its checkpoint is found
+    with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
+        run.resume_or_init(init_of(cfg, mesh))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"third": True}
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "3", "not json"])
+def test_an_identity_json_that_is_not_an_object_is_unreadable(tmp_path, content):
+    (tmp_path / harness.IDENTITY_FILE).write_text(content)
+    with pytest.raises(harness.WorkdirError, match="identity.json is unreadable"):
+        harness.check_workdir(train_cfg(), str(tmp_path))
+
+
+def test_a_metrics_line_cut_short_does_not_stop_a_resume(tmp_path, mesh):
+    cfg, workdir = train_cfg(total_steps=4, log_every=1), str(tmp_path)
+    _finished_run(cfg, workdir, mesh)
+    path = tmp_path / metrics.METRICS_FILE
+    path.write_text(path.read_text()[:-20])  # the last row half-written
+    assert [r["step"] for r in metrics.read_jsonl(str(path))] == [1, 2, 3]
+    with harness.Run(cfg, workdir, tx_of(cfg), mesh) as run:
+        state, _ = run.resume_or_init(init_of(cfg, mesh))
+        summary = run.finish(run.loop(state, Steps(), dict))
+    assert summary["step"] == 4
+    metrics.Writer(workdir, 8, first_step=2).close()  # a resume from step 2 rewrites the file whole
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]

@@ -128,3 +128,11 @@ def test_a_failed_hf_export_leaves_the_older_one_whole(hf_tiny, tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         hf_export.export(str(tmp_path / "export"), str(path), str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_hf_export_refuses_an_unknown_dtype_before_work(hf_tiny, tmp_path):
+    from score_jax import hf_export
+    path, _ = hf_tiny
+    with pytest.raises(ValueError, match=r"--dtype='float9'; choose float32, bfloat16 or float16"):
+        hf_export.export(str(tmp_path / "export"), str(path), str(tmp_path / "out"), dtype="float9")
+    assert not (tmp_path / "out").exists()

@@ -176,7 +176,7 @@ def test_stage1_and_eval_two_processes_match_one(tmp_path, sft2, data_dir):
     one.pop("seconds"), two.pop("seconds")
     assert two == one  # decoded and scored per process, gathered in problem order
     assert (tmp_path / "ev_two" / "episodes.jsonl").read_text() == (tmp_path / "ev_one" / "episodes.jsonl").read_text()
-    assert not list((tmp_path / "ev_two" / "eval_progress").iterdir())
+    assert not (tmp_path / "ev_two" / "eval_progress").exists()
 
 
 @pytest.mark.parametrize("env, expected", [

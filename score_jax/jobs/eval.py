@@ -97,6 +97,10 @@ class Progress:
     def clear(self) -> None:
         if self.path.exists():
             self.path.unlink()
+        try:  # the last process to clear removes the directory
+            self.path.parent.rmdir()
+        except OSError:
+            pass
 
 
 def params_fingerprint(path: str) -> dict:

@@ -134,7 +134,10 @@ def identity(cfg) -> dict:
         return {"job": "demo", "model_preset": cfg.model_preset, "seed": cfg.seed}
     out = {"job": cfg.job, "model_preset": cfg.model_preset,
            "model": {f: getattr(cfg.model, f) for f in SHAPE_FIELDS},
-           "seed": cfg.seed, "run": cfg.run, "data_name": cfg.data.name}
+           "seed": cfg.seed, "run": cfg.run, "data_name": cfg.data.name,
+           "data": {"builder_seed": cfg.data.builder_seed, "num_train": cfg.data.num_train,
+                    "num_test": cfg.data.num_test, **({"train_split": cfg.data.train_split}
+                                                      if hasattr(cfg.data, "train_split") else {})}}
     if hasattr(cfg, "optim"):
         out["optimizer"] = optim.structure(cfg.optim)
     if hasattr(cfg, "eval"):
@@ -153,9 +156,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def identity_difference(theirs: dict, mine: dict) -> str:
-    """"" when equal, else "key: saved -> config" for each differing key (a few at most)."""
+    """"" when equal, else "key: saved -> config" for each differing key (a few at most). Keys
+    the saved identity lacks (written by a version that did not record them) are not compared."""
     a, b = _flat(theirs), _flat(mine)
-    keys_ = [k for k in list(b) + [k for k in a if k not in b] if a.get(k) != b.get(k)]
+    keys_ = [k for k in [k for k in b if k in a] + [k for k in a if k not in b] if a.get(k) != b.get(k)]
     shown = "; ".join(f"{k}: {a.get(k, '(none)')!r} there, {b.get(k, '(none)')!r} here" for k in keys_[:3])
     return shown + (f" (and {len(keys_) - 3} more)" if len(keys_) > 3 else "")
 
@@ -171,6 +175,8 @@ def check_workdir(cfg, workdir: str) -> None:
         return
     try:
         theirs = json.loads(file.read_text())
+        if not isinstance(theirs, dict):
+            raise ValueError(f"a JSON {type(theirs).__name__}, not an object")
     except (OSError, ValueError) as e:
         raise WorkdirError(f"{file} is unreadable ({e}); it records which run this workdir holds: "
                            "restore it, or use a new --workdir.") from e
@@ -187,18 +193,31 @@ def claim_workdir(cfg, workdir: str) -> None:
         metrics.write_json(str(file), identity(cfg))
 
 
+_PENDING_CONFIG: dict = {}  # workdir -> config.json, until its checkpoints are found to be this run's
+
+
 def start(cfg, workdir: str, config_json: dict) -> None:
     """The checks every job makes before work, then ``<workdir>/config.json``: creates the
-    workdir, refuses another run's (``check_workdir``) and an unwritable one."""
+    workdir, refuses another run's (``check_workdir``) and an unwritable one. In a workdir with
+    checkpoints but no identity.json (written before it existed), config.json waits until
+    ``Run.resume_or_init`` has found them to be this run's."""
     path = epath.Path(workdir)
     check_workdir(cfg, workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
+        if not (path / IDENTITY_FILE).exists() and checkpoints.saved_steps(workdir):
+            _PENDING_CONFIG[os.path.abspath(workdir)] = config_json
+        elif jax.process_index() == 0:
             metrics.write_json(str(path / "config.json"), config_json)
     except OSError as e:
         raise WorkdirError(f"Cannot write to --workdir={workdir} ({e.strerror or e}); "
                            "pass a writable directory.") from e
+
+
+def _write_pending_config(workdir: str) -> None:
+    pending = _PENDING_CONFIG.pop(os.path.abspath(workdir), None)
+    if pending is not None and jax.process_index() == 0:
+        metrics.write_json(os.path.join(workdir, "config.json"), pending)
 
 
 def root_key(cfg) -> jax.Array:
@@ -243,9 +262,15 @@ class Run:
         run's (identity.json, or a checkpoint's own record where a workdir predates it), and
         checkpoints.MismatchError if a checkpoint's arrays are another model's or optimiser's."""
         check_workdir(self.cfg, self.workdir)
-        restored = self.manager.restore_latest(learner.abstract_state(self.cfg.model, self.tx, self.mesh))
+        abstract = learner.abstract_state(self.cfg.model, self.tx, self.mesh)
+        need = checkpoints.ensure_space(str(self.manager.directory), abstract)
+        if need:  # before any work: training on, to fail at the first save, would waste it
+            raise checkpoints.SaveError(f"Not enough disk space for a checkpoint in {self.manager.directory} "
+                                        f"({need}); free space or move --workdir.")
+        restored = self.manager.restore_latest(abstract)
         if restored is None:
             self.start = 0
+            _write_pending_config(self.workdir)
             return init(), {}
         self.start, state, extra = restored
         mine = self.identity()
@@ -256,6 +281,7 @@ class Run:
             raise WorkdirError(f"The checkpoint in this workdir was written by another run ({difference}); "
                                "use a new --workdir, or the settings it was written with.")
         claim_workdir(self.cfg, self.workdir)  # a workdir from before identity.json
+        _write_pending_config(self.workdir)
         log.info("Resumed from %s at step %d.", self.manager.directory, self.start)
         return state, extra.get("progress", {})
 
