@@ -81,15 +81,18 @@ def _rows(wd) -> list[dict]:
     return [json.loads(x) for x in (pathlib.Path(wd) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_metrics_close(a, b, keys_to_skip=("tokens_per_s",)):
+def _assert_metrics_close(a, b, keys_to_skip=("tokens_per_s",), tight_steps=None):
+    """Logged rows equal within float32 rounding: the same data and keys on the same mesh
+    shape; only the gradient all-reduce sums in another order (gloo across processes). From
+    ``tight_steps`` on, a sampled token could flip on params that differ in their last bits,
+    so those rows are compared to 1%."""
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
+        rel = 1e-5 if tight_steps is None or x["step"] <= tight_steps else 1e-2
         for k in x:
             if k in keys_to_skip or k.startswith("time_"):
                 continue
-            # The same data and keys on the same mesh shape; only the reduction order of the
-            # all-reduce differs (gloo across processes): float32 rounding of sums of O(1) values.
-            assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(y[k])), (x["step"], k, x[k], y[k])
+            assert abs(x[k] - y[k]) <= rel * max(1.0, abs(y[k])), (x["step"], k, x[k], y[k])
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +167,10 @@ def test_stage1_and_eval_two_processes_match_one(tmp_path, sft2, data_dir):
           "--config.checkpoint.every_steps=2", "--config.log_every=1"]
     _run1(s1, tmp_path / "s1_one")
     _run2(s1, tmp_path / "s1_two")
-    _assert_metrics_close(_rows(tmp_path / "s1_two"), _rows(tmp_path / "s1_one"), ("tokens_per_s", "logp_gap"))
+    # Steps 1-2 sample with params that are equal (step 1: the same export) or one all-reduce
+    # apart (step 2), forward passes of rows that sit on one device each (a data-only mesh).
+    _assert_metrics_close(_rows(tmp_path / "s1_two"), _rows(tmp_path / "s1_one"), ("tokens_per_s", "logp_gap"),
+                          tight_steps=2)
     _run2(s1, tmp_path / "s1_again")
     assert _summary(tmp_path / "s1_again")["params_sha256"] == _summary(tmp_path / "s1_two")["params_sha256"]
     ev = ["--config=configs/eval.py:tiny", *DATA, f"--config.data.data_dir={data_dir}", f"--config.eval.params={export}",
@@ -174,7 +180,10 @@ def test_stage1_and_eval_two_processes_match_one(tmp_path, sft2, data_dir):
     _run2(ev, tmp_path / "ev_two")
     one, two = (json.loads((tmp_path / w / "eval.json").read_text()) for w in ("ev_one", "ev_two"))
     one.pop("seconds"), two.pop("seconds")
-    assert two == one  # decoded and scored per process, gathered in problem order
+    # Bitwise: the same export, and on a data-only mesh each row's forward runs on one device
+    # with the same program either way (no cross-device sum in sampling); then decoded and
+    # scored per process and gathered in problem order.
+    assert two == one
     assert (tmp_path / "ev_two" / "episodes.jsonl").read_text() == (tmp_path / "ev_one" / "episodes.jsonl").read_text()
     assert not (tmp_path / "ev_two" / "eval_progress").exists()
 
