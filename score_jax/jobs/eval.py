@@ -97,9 +97,11 @@ class Progress:
     def clear(self) -> None:
         if self.path.exists():
             self.path.unlink()
-        try:  # the last process to clear removes the directory
-            self.path.parent.rmdir()
-        except OSError:
+        parent = self.path.parent
+        try:  # the last file out removes the directory (epath raises its own error when not empty)
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+        except Exception:  # noqa: BLE001 - best effort: another process may be clearing it too
             pass
 
 
