@@ -1,6 +1,7 @@
-"""What every job repeats, written once: the mesh and its batch check, the run's identity and
-keys, resume-or-init, the step loop (log, checkpoint, SIGTERM, the non-finite stop), and the
-final export and summary.
+"""What every job repeats, written once: joining a multi-process run (``init_distributed``),
+the workdir's identity and its checks before any work (``start``), the mesh and its batch
+check, the run's keys, resume-or-init, the step loop (log, checkpoint, SIGTERM / SIGINT, the
+non-finite stop), and the final export and summary.
 
 A training job reads top to bottom as
 
