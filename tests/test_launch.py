@@ -199,16 +199,19 @@ def test_remote_stop_script_saves_the_running_job(tmp_path):
                               capture_output=True, text=True, timeout=60, check=False)
 
     assert remote(stop).returncode == 0  # no job yet: nothing to stop
-    assert remote(run).returncode == 0
-    wait_for(home / "runs" / "x" / "argv.txt")
-    assert remote(run).returncode == 1  # refuses a second job of the same name
-    stopped = remote(stop)
-    assert stopped.returncode == 0, stopped.stderr
-    assert "stopping the score_jax job score-t (SIGTERM" in stopped.stderr
-    assert (home / "runs" / "x" / "saved").exists()
-    wait_for(home / "score_jax_logs" / "score-t.exit")  # the subshell writes it as python exits
-    assert (home / "score_jax_logs" / "score-t.exit").read_text().strip() == "0"
-    assert remote(run).returncode == 0  # the job is gone: a rerun may start
+    try:
+        assert remote(run).returncode == 0
+        wait_for(home / "runs" / "x" / "argv.txt")
+        assert remote(run).returncode == 1  # refuses a second job of the same name
+        stopped = remote(stop)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopping the score_jax job score-t (SIGTERM" in stopped.stderr
+        assert (home / "runs" / "x" / "saved").exists()
+        wait_for(home / "score_jax_logs" / "score-t.exit")  # the subshell writes it as python exits
+        assert (home / "score_jax_logs" / "score-t.exit").read_text().strip() == "0"
+        assert remote(run).returncode == 0  # the job is gone: a rerun may start
+    finally:
+        remote(stop)  # the held job of the last start (or of a failed assertion) never outlives the test
 
 
 # --- the --until-done loop -------------------------------------------------------------------
