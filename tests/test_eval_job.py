@@ -1,7 +1,6 @@
 """The eval job end to end on a tiny export: N attempts, samples, the scaling study, artefacts."""
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -20,11 +19,14 @@ def setup(tmp_path_factory):
     return data_dir, wd / "export"
 
 
+def _eval_cmd(workdir, data_dir, params, *overrides):
+    return [sys.executable, "-m", "score_jax.main", "--config=configs/eval.py:tiny", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.data.num_train=2000", "--config.data.num_test=200",
+            f"--config.eval.params={params}", "--config.eval.sampling.max_new_tokens=10", *overrides]
+
+
 def _eval(workdir, data_dir, params, *overrides, check=True):
-    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/eval.py:tiny", f"--workdir={workdir}",
-           f"--config.data.data_dir={data_dir}", "--config.data.num_train=2000", "--config.data.num_test=200",
-           f"--config.eval.params={params}", "--config.eval.sampling.max_new_tokens=10", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(_eval_cmd(workdir, data_dir, params, *overrides), cwd=ROOT, env=sft_e2e._env(), capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -80,20 +82,8 @@ def test_a_stopped_eval_resumes_at_its_next_batch_with_the_same_results(tmp_path
     ref = tmp_path / "ref"
     _eval(ref, data_dir, params, *how)
     wd = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "score_jax.main", "--config=configs/eval.py:tiny", f"--workdir={wd}",
-           f"--config.data.data_dir={data_dir}", "--config.data.num_train=2000", "--config.data.num_test=200",
-           f"--config.eval.params={params}", "--config.eval.sampling.max_new_tokens=10", *how]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=sft_e2e._env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        for line in proc.stdout:
-            if "eval: 8/40 problems sampled" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out = proc.stdout.read()
-        rc = proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    rc, out = sft_e2e.signal_after(_eval_cmd(wd, data_dir, params, *how),
+                                   lambda line: "eval: 8/40 problems sampled" in line)
     assert rc == 0, out[-2000:]
     assert "Stopped on request" in out.strip().splitlines()[-1] and "Traceback" not in out, out[-2000:]
     assert not (wd / "eval.json").exists()

@@ -97,29 +97,27 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path, data_dir, reference):
     assert _summary(wd)["params_sha256"] == _summary(ref_wd)["params_sha256"]
 
 
-def _until_training(proc):
-    """Reads the run's output until its first progress line; returns what it printed."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step "):
-            break
-    return "".join(seen)
+def signal_after(cmd, until, sig=signal.SIGTERM):
+    """Runs ``cmd``, sends ``sig`` after the first output line for which ``until(line)`` holds,
+    and returns (exit code, output after that line); the process is killed on the way out."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if until(line):
+                break
+        proc.send_signal(sig)
+        out = proc.stdout.read()
+        return proc.wait(timeout=120), out
+    finally:
+        proc.kill()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_and_exits_zero(tmp_path, data_dir, sig):
     wd = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(wd, data_dir, "--config.total_steps=100000", "--config.checkpoint.every_steps=0"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _until_training(proc)
-        proc.send_signal(sig)
-        out = proc.stdout.read()
-        rc = proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    rc, out = signal_after(_cmd(wd, data_dir, "--config.total_steps=100000", "--config.checkpoint.every_steps=0"),
+                           lambda line: line.startswith("step "), sig)  # training is under way
     assert rc == 0, out[-2000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-2000:]
     assert f"{signal.Signals(sig).name} received" in out
@@ -134,17 +132,8 @@ def test_sigterm_or_ctrl_c_saves_and_exits_zero(tmp_path, data_dir, sig):
 @pytest.mark.slow
 def test_a_signal_during_start_up_says_so_in_one_line(tmp_path, data_dir):
     wd = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(wd, data_dir, "--config.total_steps=5"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:  # the job has started (its first log line), nothing is saved yet
-            if "Job sft in" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out = proc.stdout.read()
-        rc = proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    # The job has started (its first log line), nothing is saved yet.
+    rc, out = signal_after(_cmd(wd, data_dir, "--config.total_steps=5"), lambda line: "Job sft in" in line)
     assert rc == 128 + signal.SIGTERM, out[-2000:]
     assert "Traceback" not in out, out[-2000:]
     assert "Stopped by SIGTERM" in out.strip().splitlines()[-1]
