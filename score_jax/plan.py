@@ -140,19 +140,15 @@ def _compile(name: str, fn, args, chip: Chip, out: dict):
     return compiled
 
 
-def _sampler_config(cfg, sampling, num_turns: int, task):
+def _sampler_config(sampling, num_turns: int, task):
     """The job's SamplerConfig without a tokenizer: the correction instruction's length is
     bounded by its UTF-8 bytes (every token covers at least one byte), the stop and pad ids do
     not change a program's shapes."""
     from score_jax import chat
-    from score_jax import sampler as sampler_lib
+    from score_jax.jobs import inputs
     t = chat.get(task.chat_template)
     text = t.after_model_end + t.user_start + t._text(task.correction) + t.user_end + t.model_start
-    s = sampling
-    return sampler_lib.SamplerConfig(
-        max_prompt_len=s.max_prompt_len, max_new_tokens=s.max_new_tokens, instruction_len=len(text.encode()),
-        num_turns=num_turns, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        samples_per_prompt=s.samples_per_prompt, stop_token_ids=(0,), pad_id=0, chunk_len=s.chunk_len)
+    return inputs.sampler_program(sampling, num_turns, len(text.encode()), stop_ids=(0,), pad_id=0)
 
 
 def _sampler_programs(cfg, scfg, mesh, batch: int, chip: Chip, out: dict) -> dict:
@@ -198,7 +194,7 @@ def plan(cfg, topology: str) -> dict:
         model_flops = 6.0 * n_params * cfg.batch_size * cfg.data.seq_len
     elif cfg.job in ("stage1", "stage2"):
         rl = cfg.rl
-        scfg = _sampler_config(cfg, rl.sampling, 2, cfg.task)
+        scfg = _sampler_config(rl.sampling, 2, cfg.task)
         sampled = _sampler_programs(cfg, scfg, mesh, cfg.batch_size, chip, programs)
         resident["kv_cache"] = sampled["kv_cache"]
         resident["reference"] = _per_device_bytes(learner.abstract_params(cfg.model, mesh))
@@ -219,7 +215,7 @@ def plan(cfg, topology: str) -> dict:
             + 6.0 * n_params * episode_tokens
     elif cfg.job == "eval":
         ev = cfg.eval
-        scfg = _sampler_config(cfg, ev.sampling, ev.num_attempts, cfg.task)
+        scfg = _sampler_config(ev.sampling, ev.num_attempts, cfg.task)
         sampled = _sampler_programs(cfg, scfg, mesh, ev.batch_size, chip, programs)
         resident["kv_cache"] = sampled["kv_cache"]
         resident["params"] = _per_device_bytes(learner.abstract_params(cfg.model, mesh))

@@ -97,9 +97,14 @@ def sampler_config(tok: tokenizer_lib.Tokenizer, task: settings.TaskConfig, samp
     template = chat.get(task.chat_template)
     instruction = np.asarray(chat.instruction_ids(tok, template, task.correction), np.int32)
     stop_ids = tuple(dict.fromkeys(chat.stop_ids(tok, template) + (tok.eos_id,)))
-    s = sampling
-    cfg = sampler_lib.SamplerConfig(
-        max_prompt_len=s.max_prompt_len, max_new_tokens=s.max_new_tokens, instruction_len=len(instruction),
+    return sampler_program(sampling, num_turns, len(instruction), stop_ids, tok.pad_id), instruction
+
+
+def sampler_program(s: settings.SamplingConfig, num_turns: int, instruction_len: int, stop_ids: tuple[int, ...],
+                    pad_id: int) -> sampler_lib.SamplerConfig:
+    """The SamplerConfig of ``sampling`` once the tokenizer's part (instruction length, stop and
+    pad ids) is known; ``score_jax.plan`` supplies that part without a tokenizer."""
+    return sampler_lib.SamplerConfig(
+        max_prompt_len=s.max_prompt_len, max_new_tokens=s.max_new_tokens, instruction_len=instruction_len,
         num_turns=num_turns, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        samples_per_prompt=s.samples_per_prompt, stop_token_ids=stop_ids, pad_id=tok.pad_id, chunk_len=s.chunk_len)
-    return cfg, instruction
+        samples_per_prompt=s.samples_per_prompt, stop_token_ids=stop_ids, pad_id=pad_id, chunk_len=s.chunk_len)
