@@ -107,6 +107,7 @@ def get_config(arg: str = ""):
         star_prompts=2000,  # training prompts sampled per STaR round / for Pair-SFT
         star_samples=4,
         baseline_sft_steps=100,  # fine-tuning steps per STaR round and for Pair-SFT
+        baseline_learning_rate=0.0,  # their peak learning rate; 0 = the base SFT's (sft.optim)
         # Tokens per STaR / Pair-SFT record: a whole episode the model sampled, so up to the
         # prompt (16), two attempts of up to 56 tokens and the instruction (~33) with markers;
         # the base SFT's 152 fit only the data's attempts (a 154-token Pair-SFT record was seen).

@@ -236,12 +236,19 @@ class DemoSettings:
     star_prompts: int
     star_samples: int
     baseline_sft_steps: int
+    baseline_learning_rate: float  # STaR / Pair-SFT fine-tuning peak rate; 0 = the base SFT's
     baseline_seq_len: int  # tokens per STaR / Pair-SFT record (a whole sampled episode)
     results_md: str  # "" or a path: also write the table as Markdown there
     sampled_temperature: float
     sampled_samples: int  # a second, sampled evaluation of every row (0 = none)
     shared_base: bool  # every seed starts from seed 0's base model (the paper has one base model)
     only_seed: int  # -1: every seed, then the table; i >= 0: only seed i's runs (parallel processes)
+
+    def __post_init__(self):
+        ranges.check("demo", self, seeds="[1, inf)", star_rounds="[0, inf)", star_prompts="[1, inf)",
+                     star_samples="[1, inf)", baseline_sft_steps="[1, inf)", baseline_learning_rate="[0, inf)",
+                     baseline_seq_len="[2, inf)", sampled_temperature="[0, inf)", sampled_samples="[0, inf)",
+                     only_seed="[-1, inf)")
 
     def methods(self) -> tuple[str, ...]:
         return _csv(self.rows)

@@ -208,6 +208,25 @@ def test_rows_trained_from_the_base_get_scores_whole_rl_budget():
     assert seq and set(seq.values()) == {cfg.demo.baseline_seq_len} and cfg.demo.baseline_seq_len > cfg.sft.data.seq_len
 
 
+def test_star_and_pair_sft_fine_tune_at_their_own_learning_rate():
+    from configs import demo as demo_config
+    from score_jax import main as main_lib
+
+    def rates(**demo_changes):
+        c = demo_config.get_config("table")
+        with c.unlocked():
+            c.demo.update(demo_changes)
+        cfg = main_lib._demo_config(c)
+        return cfg, {p.split("/")[-1]: c.optim.learning_rate for p, c in demo.plan(cfg, "runs/table")
+                     if p.startswith("seed0/") and hasattr(c, "optim")}
+
+    cfg, lr = rates()  # 0: the base SFT's rate
+    assert lr["star_r0"] == lr["star_r1"] == lr["pair_sft"] == lr["base"] == cfg.sft.optim.learning_rate
+    cfg, lr = rates(baseline_learning_rate=3e-5)
+    assert lr["star_r0"] == lr["star_r1"] == lr["pair_sft"] == 3e-5
+    assert lr["base"] == cfg.sft.optim.learning_rate != 3e-5 and lr["stage1"] == cfg.stage1.optim.learning_rate
+
+
 def _row(t1, t2, c_to_i, lo=None):
     d = t2 - t1
     return {"acc_t1": t1, "acc_t2": t2, "delta": d, "delta_c_to_i": c_to_i,

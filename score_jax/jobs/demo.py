@@ -153,7 +153,9 @@ class _Seed:
         """Fine-tunes ``init`` on records built from its own samples (baselines.py)."""
         cfg, d, ev = self.cfg, self.cfg.demo, self.cfg.eval
         sft_cfg = dataclasses.replace(cfg.sft, init_from=init, total_steps=d.baseline_sft_steps,
-                                      optim=dataclasses.replace(cfg.sft.optim, warmup_steps=0),
+                                      optim=dataclasses.replace(cfg.sft.optim, warmup_steps=0,
+                                                                learning_rate=d.baseline_learning_rate
+                                                                or cfg.sft.optim.learning_rate),
                                       data=dataclasses.replace(cfg.sft.data, seq_len=d.baseline_seq_len))
         if not self.execute or _done(self.path(name)):
             return self._train(name, sft.run, sft_cfg)
