@@ -60,6 +60,11 @@ def test_tiny_demo_writes_every_artefact_and_resumes(tmp_path):
                if any(line.endswith(f"demo seed 0: {name}") for name in (*demo.METHODS, "pretrain", "base", "stage1"))]
     assert not started, started
     assert json.loads((wd / "results.json").read_text())["rows"] == result["rows"]
+    # An override of a finished run's settings is refused, not ignored, and nothing is rerun.
+    refused = _demo(wd, data_dir, "--config.stage1.optim.learning_rate=0.0002", returncode=2)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "stage1 is a finished run made with other settings" in last and "optim.learning_rate" in last, last
+    assert json.loads((wd / "results.json").read_text())["rows"] == result["rows"]
 
 
 @pytest.mark.slow

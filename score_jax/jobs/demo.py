@@ -33,6 +33,7 @@ and with ``demo.results_md`` a Markdown report (score_jax/jobs/demo_report.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -74,6 +75,25 @@ def _done(workdir: str, name: str = "summary.json") -> bool:
     return os.path.exists(os.path.join(workdir, name))
 
 
+# Settings that do not change what a finished run made (where files live, how it was started).
+_REUSE_IGNORES = ("compilation_cache_dir", "distributed")
+
+
+def _check_finished(workdir: str, cfg) -> None:
+    """A finished run is reused only if its config.json is this run's config: an override of
+    a finished run's settings is refused in one line instead of being ignored."""
+    file = os.path.join(workdir, "config.json")
+    if not os.path.exists(file):
+        return
+    theirs, mine = metrics.read_json(file), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key in _REUSE_IGNORES:
+        theirs.pop(key, None), mine.pop(key, None)
+    difference = harness.identity_difference(theirs, mine)
+    if difference:
+        raise harness.WorkdirError(f"{workdir} is a finished run made with other settings ({difference}); use a "
+                                   "new --workdir, or remove that run's directory to rerun it with these.")
+
+
 class _Seed:
     """The runs of one seed, each made on first use (and skipped when already finished).
 
@@ -105,7 +125,9 @@ class _Seed:
         cfg = self.own(cfg, name)
         if name not in self._made:
             self.planned.append((self.rel(name), cfg))
-            if self.execute and not _done(wd):
+            if self.execute and _done(wd):
+                _check_finished(wd, cfg)
+            elif self.execute:
                 log.info("demo seed %d: %s", self.index, name)
                 harness.start(cfg, wd, dataclasses.asdict(cfg))
                 if job(cfg, wd, **kw).get("stopped_early"):
@@ -214,6 +236,8 @@ class _Seed:
         if not _done(wd, "eval.json"):
             harness.start(cfg, wd, dataclasses.asdict(cfg))
             eval_job.run(cfg, wd)
+        else:
+            _check_finished(wd, cfg)
         return metrics.read_json(os.path.join(wd, "eval.json"))
 
 
