@@ -87,7 +87,8 @@ def _check_finished(workdir: str, cfg) -> None:
         return
     theirs, mine = metrics.read_json(file), json.loads(json.dumps(dataclasses.asdict(cfg)))
     for key in _REUSE_IGNORES:
-        theirs.pop(key, None), mine.pop(key, None)
+        theirs.pop(key, None)
+        mine.pop(key, None)
     difference = harness.identity_difference(theirs, mine)
     if difference:
         raise harness.WorkdirError(f"{workdir} is a finished run made with other settings ({difference}); use a "
