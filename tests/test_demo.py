@@ -1,6 +1,7 @@
 """The demo pipeline end to end at CI size (configs/demo.py:tiny: every row, a few steps each)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +66,12 @@ def test_tiny_demo_writes_every_artefact_and_resumes(tmp_path):
     last = refused.stderr.strip().splitlines()[-1]
     assert "stage1 is a finished run made with other settings" in last and "optim.learning_rate" in last, last
     assert json.loads((wd / "results.json").read_text())["rows"] == result["rows"]
+    # A moved workdir is reused as it is: the per-run paths in its config.json name the old place.
+    moved = tmp_path / "moved"
+    shutil.copytree(wd, moved)
+    again = _demo(moved, data_dir)
+    started = [line for line in again.stderr.splitlines() if line.endswith("demo seed 0: stage1")]
+    assert not started and json.loads((moved / "results.json").read_text())["rows"] == result["rows"]
 
 
 @pytest.mark.slow
@@ -225,7 +232,9 @@ def test_star_and_pair_sft_fine_tune_at_their_own_learning_rate():
         return cfg, {p.split("/")[-1]: c.optim.learning_rate for p, c in demo.plan(cfg, "runs/table")
                      if p.startswith("seed0/") and hasattr(c, "optim")}
 
-    cfg, lr = rates()  # 0: the base SFT's rate
+    cfg, lr = rates()  # the dev split's choice (configs/demo.py)
+    assert lr["star_r0"] == lr["star_r1"] == lr["pair_sft"] == cfg.demo.baseline_learning_rate == 1e-4
+    cfg, lr = rates(baseline_learning_rate=0.0)  # 0: the base SFT's rate
     assert lr["star_r0"] == lr["star_r1"] == lr["pair_sft"] == lr["base"] == cfg.sft.optim.learning_rate
     cfg, lr = rates(baseline_learning_rate=3e-5)
     assert lr["star_r0"] == lr["star_r1"] == lr["pair_sft"] == 3e-5

@@ -75,8 +75,11 @@ def _done(workdir: str, name: str = "summary.json") -> bool:
     return os.path.exists(os.path.join(workdir, name))
 
 
-# Settings that do not change what a finished run made (where files live, how it was started).
-_REUSE_IGNORES = ("compilation_cache_dir", "distributed")
+# Settings that do not change what a finished run made (where files live, how it was started),
+# and the paths the demo sets per run (init_from, rl.reference, eval.params): they follow the
+# workdir's layout, so a workdir that was moved or copied is reused, not refused.
+_REUSE_IGNORES = ("compilation_cache_dir", "distributed", "cpu_devices", "init_from")
+_REUSE_IGNORES_NESTED = (("rl", "reference"), ("eval", "params"))
 
 
 def _check_finished(workdir: str, cfg) -> None:
@@ -89,6 +92,10 @@ def _check_finished(workdir: str, cfg) -> None:
     for key in _REUSE_IGNORES:
         theirs.pop(key, None)
         mine.pop(key, None)
+    for section, key in _REUSE_IGNORES_NESTED:
+        for c in (theirs, mine):
+            if isinstance(c.get(section), dict):
+                c[section].pop(key, None)
     difference = harness.identity_difference(theirs, mine)
     if difference:
         raise harness.WorkdirError(f"{workdir} is a finished run made with other settings ({difference}); use a "
