@@ -155,6 +155,10 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""  # a params-only export directory to start from; "" = random init
     c.tokenizer = ""  # a tokenizer file or checkpoint directory; "" = the dataset's own (toy)
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods)
+    # CPU backend only: split the host into this many JAX devices (jax_num_cpu_devices), so
+    # that the data-parallel mesh keeps every core busy; 0 = JAX's own count (1, or XLA_FLAGS'
+    # --xla_force_host_platform_device_count). No effect on TPU or GPU runs.
+    c.cpu_devices = 0
     # Persistent XLA compilation cache: a resumed or repeated run skips recompiling. "" = off.
     c.compilation_cache_dir = os.path.expanduser("~/.cache/score_jax/xla")
     return c

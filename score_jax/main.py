@@ -86,7 +86,8 @@ def _eval_config(cd):
 # The demo's sub-jobs (configs/demo.py) hold only their own settings; these come from its top
 # level, and the per-run ones (init_from, rl.reference, eval.params, run) are set by the demo.
 _DEMO_SUBS = {"pretrain": "sft", "sft": "sft", "stage1": "stage1", "stage2": "stage2", "eval": "eval"}
-_DEMO_SHARED = ("seed", "model_preset", "model", "mesh", "task", "distributed", "compilation_cache_dir")
+_DEMO_SHARED = ("seed", "model_preset", "model", "mesh", "task", "distributed", "cpu_devices",
+                "compilation_cache_dir")
 _SET_PER_RUN = "(set per run by the demo)"
 
 
@@ -148,6 +149,8 @@ def main(argv):
 
 def _start_and_run(config, cfg, run) -> None:
     import jax
+    if cfg.cpu_devices:  # before any JAX operation initialises the CPU backend
+        jax.config.update("jax_num_cpu_devices", cfg.cpu_devices)
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -115,13 +115,14 @@ class TrainConfig:
     init_from: str
     tokenizer: str
     distributed: bool
+    cpu_devices: int
     compilation_cache_dir: str
     loss_chunk: int
 
     def __post_init__(self):
         # total_steps=0 would export the untrained params as if trained; log_every=0 divides by 0.
         ranges.check("", self, batch_size="[1, inf)", total_steps="[1, inf)", log_every="[1, inf)",
-                     loss_chunk="[0, inf)")
+                     loss_chunk="[0, inf)", cpu_devices="[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +222,12 @@ class EvalJobConfig:
     task: TaskConfig
     tokenizer: str
     distributed: bool
+    cpu_devices: int
     compilation_cache_dir: str
     eval: EvalConfig
+
+    def __post_init__(self):
+        ranges.check("", self, cpu_devices="[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +267,7 @@ class DemoConfig:
     seed: int
     model_preset: str
     distributed: bool
+    cpu_devices: int
     compilation_cache_dir: str
     pretrain: SFTTrainConfig
     sft: SFTTrainConfig
@@ -269,3 +275,6 @@ class DemoConfig:
     stage2: RLTrainConfig
     eval: EvalJobConfig
     demo: DemoSettings
+
+    def __post_init__(self):
+        ranges.check("", self, cpu_devices="[0, inf)")

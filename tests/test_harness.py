@@ -33,7 +33,7 @@ def train_cfg(**kw) -> settings.TrainConfig:
     base = dict(job="sft", seed=0, run=0, model_preset="test", model=CFG, mesh=MESH_CFG, data=data, task=task,
                 optim=opt, checkpoint=checkpoints.CheckpointConfig(every_steps=2, keep=10, async_save=False),
                 batch_size=8, total_steps=5, log_every=2, init_from="", tokenizer="", distributed=False,
-                compilation_cache_dir="", loss_chunk=0)
+                cpu_devices=0, compilation_cache_dir="", loss_chunk=0)
     return settings.TrainConfig(**{**base, **kw})
 
 
