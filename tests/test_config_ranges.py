@@ -52,6 +52,7 @@ def test_the_demo_configs_are_in_range(arg):
     ("model.dtype", "float9", "model.dtype='float9'; choose one of float32, bfloat16, float16."),
     ("model.num_layers", 0, "model.num_layers=0 must be >= 1."),
     ("data.seq_len", 1, "data.seq_len=1 must be >= 2."),
+    ("cpu_devices", -1, "Invalid config: cpu_devices=-1 must be >= 0."),
 ])
 def test_sft_values_out_of_range_are_one_line(field, value, message):
     cd = _config("sft", "tiny")
@@ -81,6 +82,17 @@ def test_eval_values_out_of_range_are_one_line():
     with pytest.raises(main.ConfigError) as e:
         main._eval_config(cd)
     assert "eval.num_problems=-3 must be >= 0." in str(e.value)
+    cd = _config("eval", "tiny")
+    cd.cpu_devices = -2
+    with pytest.raises(main.ConfigError, match=r"cpu_devices=-2 must be >= 0."):
+        main._eval_config(cd)
+
+
+def test_the_demo_refuses_a_negative_cpu_device_count():
+    cd = _config("demo", "tiny")
+    cd.cpu_devices = -1
+    with pytest.raises(main.ConfigError, match=r"cpu_devices=-1 must be >= 0."):
+        main._demo_config(cd)
 
 
 def test_ranges_check_refuses_non_numbers_and_bools():
