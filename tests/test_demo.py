@@ -55,6 +55,7 @@ def test_tiny_demo_writes_every_artefact_and_resumes(tmp_path):
     assert no_stage1["init_from"] == str(seed / "base" / "export")
     assert json.loads((seed / "naive_rl" / "config.json").read_text())["rl"]["shaping"] == "none"
     assert "SCoRe" in p.stdout and "Acc@t1" in p.stdout
+    assert "over 2 devices" in p.stderr  # the demo's cpu_devices, whatever XLA_FLAGS says
     # Everything is finished: a second run only reads the results back (no sub-run starts).
     again = _demo(wd, data_dir)
     started = [line for line in again.stderr.splitlines()
