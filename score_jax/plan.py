@@ -228,7 +228,10 @@ def plan(cfg, topology: str) -> dict:
     # not among its arguments.
     total_resident = sum(resident.values())
     peak = max(p["peak_bytes"] + max(0, total_resident - p["argument_bytes"]) for p in programs.values())
-    step_seconds = sum(p["roofline_seconds"] for p in programs.values())
+    # A program XLA refused to compile (out of memory) has no cost analysis: the step time and
+    # MFU are then unknown, not the other programs' alone.
+    failed = any("compiler_out_of_memory" in p for p in programs.values())
+    step_seconds = None if failed else sum(p["roofline_seconds"] for p in programs.values())
     fits = peak <= chip.hbm_bytes
     out = {"job": cfg.job, "model_preset": cfg.model_preset, "num_params": n_params,
            "topology": {"name": topology, "jax": jax_name, "chips": chips,
@@ -237,7 +240,8 @@ def plan(cfg, topology: str) -> dict:
            "mesh": dict(mesh.shape), "programs": programs, "resident_bytes": resident,
            "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes, "fits": fits,
            "model_flops_per_step": model_flops, "step_seconds_roofline": step_seconds,
-           "mfu_roofline": model_flops / (step_seconds * chip.peak_flops * chips) if step_seconds else 0.0}
+           "mfu_roofline": (model_flops / (step_seconds * chip.peak_flops * chips) if step_seconds else
+                            None if failed else 0.0)}
     if not fits:
         out["advice"] = advice(cfg, programs, resident, chip.hbm_bytes)
     return out

@@ -78,6 +78,9 @@ def test_a_program_that_does_not_fit_says_what_to_change(libtpu):
     out = _json(p)
     assert not out["fits"]
     assert out["advice"].startswith("train_step needs ") and "--config." in out["advice"]
+    # XLA refuses it at compile time: no cost analysis, so no roofline either (not a made-up MFU).
+    assert "CompileTimeHbmOom" in out["programs"]["train_step"]["compiler_out_of_memory"]
+    assert out["step_seconds_roofline"] is None and out["mfu_roofline"] is None
     assert p.stderr.strip().splitlines()[-1].startswith("Does not fit: train_step needs")
 
 
