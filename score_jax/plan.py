@@ -31,6 +31,11 @@ from absl import app, flags
 from score_jax import main as main_lib
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v5e-32, v5p-16, v6e-8, or v5e:2x4.")
+_SKIP = flags.DEFINE_list("skip", [], "Programs not to compile (e.g. sampler: its compile is the slow one, while "
+                          "the update step's fit is being tuned); their resident bytes still count, and `fits` "
+                          "is then null unless a compiled program does not fit.")
+PROGRAMS = {"sft": ("train_step",), "stage1": ("sampler", "reference_logprobs", "update_step"),
+            "stage2": ("sampler", "reference_logprobs", "update_step"), "eval": ("sampler",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +156,7 @@ def _sampler_config(sampling, num_turns: int, task):
     return inputs.sampler_program(sampling, num_turns, len(text.encode()), stop_ids=(0,), pad_id=0)
 
 
-def _sampler_programs(cfg, scfg, mesh, batch: int, chip: Chip, out: dict) -> dict:
+def _sampler_programs(cfg, scfg, mesh, batch: int, chip: Chip, out: dict, skip=()) -> dict:
     import jax
     import jax.numpy as jnp
     from score_jax import learner, sampler as sampler_lib
@@ -161,17 +166,22 @@ def _sampler_programs(cfg, scfg, mesh, batch: int, chip: Chip, out: dict) -> dic
     s = jax.ShapeDtypeStruct
     args = (params, s((batch, scfg.max_prompt_len), jnp.int32), s((batch,), jnp.int32),
             s((scfg.instruction_len,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)), cache)
-    _compile("sampler", smp, args, chip, out)
+    if "sampler" not in skip:
+        _compile("sampler", smp, args, chip, out)
     tokens = smp.rows * (scfg.max_prompt_len + scfg.num_turns * (scfg.max_new_tokens + scfg.instruction_len))
     return {"kv_cache": _per_device_bytes(cache), "tokens": tokens}
 
 
-def plan(cfg, topology: str) -> dict:
+def plan(cfg, topology: str, skip=()) -> dict:
     import jax
     import jax.numpy as jnp
     from score_jax import learner, model, optim, sharding
     family, jax_name, chips = parse_topology(topology)
     chip = CHIPS[family]
+    unknown = sorted(set(skip) - set(PROGRAMS.get(cfg.job, ())))
+    if unknown:
+        raise PlanError(f"--skip={','.join(unknown)}: the {cfg.job} job's programs are "
+                        f"{', '.join(PROGRAMS.get(cfg.job, ()))}.")
     devices = _devices(jax_name)
     try:
         mesh = sharding.make_mesh(cfg.mesh if hasattr(cfg, "mesh") else cfg.eval.mesh, devices=devices)
@@ -190,12 +200,14 @@ def plan(cfg, topology: str) -> dict:
         shapes = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.data.seq_len), jnp.int32)
                   for k in ("tokens", "loss_mask", "valid")}
         step = learner.make_sft_step(cfg.model, tx, mesh, shapes, cfg.loss_chunk)
-        _compile("train_step", step, (state, _abstract(shapes, learner.batch_shardings(mesh, shapes))), chip, programs)
+        if "train_step" not in skip:
+            _compile("train_step", step, (state, _abstract(shapes, learner.batch_shardings(mesh, shapes))), chip,
+                     programs)
         model_flops = 6.0 * n_params * cfg.batch_size * cfg.data.seq_len
     elif cfg.job in ("stage1", "stage2"):
         rl = cfg.rl
         scfg = _sampler_config(rl.sampling, 2, cfg.task)
-        sampled = _sampler_programs(cfg, scfg, mesh, cfg.batch_size, chip, programs)
+        sampled = _sampler_programs(cfg, scfg, mesh, cfg.batch_size, chip, programs, skip)
         resident["kv_cache"] = sampled["kv_cache"]
         resident["reference"] = _per_device_bytes(learner.abstract_params(cfg.model, mesh))
         shapes = learner.rl_batch_shapes(cfg.batch_size * rl.sampling.samples_per_prompt, scfg.episode_len(),
@@ -203,12 +215,14 @@ def plan(cfg, topology: str) -> dict:
         batch = _abstract(shapes, learner.batch_shardings(mesh, shapes))
         ref = learner.make_reference_logprobs(cfg.model, mesh, shapes, rl.sampling.max_new_tokens, cfg.loss_chunk)
         ref_args = (learner.abstract_params(cfg.model, mesh), {k: batch[k] for k in learner.REF_KEYS})
-        _compile("reference_logprobs", ref, ref_args, chip, programs)
+        if "reference_logprobs" not in skip:
+            _compile("reference_logprobs", ref, ref_args, chip, programs)
         lp_sharding = sharding.batch_sharding(mesh, 2)
         lp = jax.ShapeDtypeStruct(shapes["mask1"].shape, jnp.float32, sharding=lp_sharding)
         stage = int(cfg.job[-1])
         step = learner.make_rl_step(cfg.model, rl, tx, mesh, shapes, stage, cfg.loss_chunk)
-        _compile("update_step", step, (state, batch, lp, lp), chip, programs)
+        if "update_step" not in skip:
+            _compile("update_step", step, (state, batch, lp, lp), chip, programs)
         episode_tokens = shapes["tokens"].shape[0] * shapes["tokens"].shape[1]
         # Sampling (forward), the reference's forward, the policy's forward and backward.
         model_flops = 2.0 * n_params * sampled["tokens"] + 2.0 * n_params * episode_tokens \
@@ -216,7 +230,7 @@ def plan(cfg, topology: str) -> dict:
     elif cfg.job == "eval":
         ev = cfg.eval
         scfg = _sampler_config(ev.sampling, ev.num_attempts, cfg.task)
-        sampled = _sampler_programs(cfg, scfg, mesh, ev.batch_size, chip, programs)
+        sampled = _sampler_programs(cfg, scfg, mesh, ev.batch_size, chip, programs, skip)
         resident["kv_cache"] = sampled["kv_cache"]
         resident["params"] = _per_device_bytes(learner.abstract_params(cfg.model, mesh))
         model_flops = 2.0 * n_params * sampled["tokens"]
@@ -227,22 +241,24 @@ def plan(cfg, topology: str) -> dict:
     # the cache); the job's peak is the largest program's peak plus what stays resident and is
     # not among its arguments.
     total_resident = sum(resident.values())
-    peak = max(p["peak_bytes"] + max(0, total_resident - p["argument_bytes"]) for p in programs.values())
-    # A program XLA refused to compile (out of memory) has no cost analysis: the step time and
-    # MFU are then unknown, not the other programs' alone.
-    failed = any("compiler_out_of_memory" in p for p in programs.values())
+    peak = max((p["peak_bytes"] + max(0, total_resident - p["argument_bytes"]) for p in programs.values()),
+               default=total_resident)
+    # A program XLA refused to compile (out of memory) or skipped has no cost analysis: the step
+    # time and MFU are then unknown, not the other programs' alone.
+    failed = bool(skip) or any("compiler_out_of_memory" in p for p in programs.values())
     step_seconds = None if failed else sum(p["roofline_seconds"] for p in programs.values())
-    fits = peak <= chip.hbm_bytes
+    # With programs skipped, "fits" is known only when a compiled one does not fit.
+    fits = False if peak > chip.hbm_bytes else (None if skip else True)
     out = {"job": cfg.job, "model_preset": cfg.model_preset, "num_params": n_params,
            "topology": {"name": topology, "jax": jax_name, "chips": chips,
                         "processes": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
                         "hbm_bytes_per_chip": chip.hbm_bytes},
            "mesh": dict(mesh.shape), "programs": programs, "resident_bytes": resident,
-           "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes, "fits": fits,
+           "peak_bytes": peak, "hbm_bytes": chip.hbm_bytes, "fits": fits, "skipped": sorted(skip),
            "model_flops_per_step": model_flops, "step_seconds_roofline": step_seconds,
            "mfu_roofline": (model_flops / (step_seconds * chip.peak_flops * chips) if step_seconds else
                             None if failed else 0.0)}
-    if not fits:
+    if fits is False:
         out["advice"] = advice(cfg, programs, resident, chip.hbm_bytes)
     return out
 
@@ -250,6 +266,9 @@ def plan(cfg, topology: str) -> dict:
 def advice(cfg, programs: dict, resident: dict, hbm: int) -> str:
     """One line: which program does not fit and what to change."""
     gib = 2.0**30
+    if not programs:  # every program skipped: the resident state alone is too large
+        return (f"the resident state needs {sum(resident.values()) / gib:.1f} GiB per chip of {hbm / gib:.0f} GiB: "
+                "raise --config.mesh.fsdp or use a larger slice.")
     worst = max(programs, key=lambda k: programs[k]["peak_bytes"])
     p = programs[worst]
     parts = []
@@ -283,13 +302,15 @@ def main(argv):
         raise main_lib.ConfigError(f"The plan covers the jobs {', '.join(builders)}, not {config.job!r}.")
     cfg = builders[config.job](config)
     try:
-        out = plan(cfg, _TOPOLOGY.value)
+        out = plan(cfg, _TOPOLOGY.value, tuple(_SKIP.value))
     except PlanError as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(out, indent=2))
-    if not out["fits"]:
+    if out["fits"] is False:
         print(f"Does not fit: {out['advice']}", file=sys.stderr)
+    elif out["fits"] is None:
+        print(f"Fits as far as compiled; not compiled: {', '.join(out['skipped'])}.", file=sys.stderr)
 
 
 def entry():

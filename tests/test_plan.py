@@ -72,6 +72,18 @@ def test_fsdp_shards_the_state_and_stage2_plans_three_programs(libtpu):
     assert out["resident_bytes"]["kv_cache"] > 0 and out["peak_bytes"] >= sum(out["resident_bytes"].values())
 
 
+def test_skipped_programs_are_not_compiled_and_leave_fits_unknown(libtpu):
+    out = _json(_plan("configs/stage2.py:tiny", "v5e:2x4", "--skip=sampler", "--config.mesh.data=1",
+                      "--config.mesh.fsdp=8", "--config.rl.reference=unused", "--config.init_from=unused"))
+    assert set(out["programs"]) == {"reference_logprobs", "update_step"} and out["skipped"] == ["sampler"]
+    assert out["resident_bytes"]["kv_cache"] > 0  # the sampler's cache still counts
+    assert out["fits"] is None and out["mfu_roofline"] is None and out["step_seconds_roofline"] is None
+    p = _plan("configs/stage2.py:tiny", "v5e:2x4", "--skip=sampler,decoder", "--config.rl.reference=unused",
+              "--config.init_from=unused")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "Error: --skip=decoder: the stage2 job's programs are sampler, reference_logprobs, update_step.")
+
+
 @pytest.mark.slow
 def test_a_program_that_does_not_fit_says_what_to_change(libtpu):
     p = _plan("configs/sft.py:tiny", "v5e-8", "--config.batch_size=4096", "--config.data.seq_len=8192")
