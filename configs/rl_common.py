@@ -20,7 +20,11 @@ PAPER = {
     "code": dict(learning_rate=1e-5, prompts_per_update=128, updates=750, beta2=0.25),
 }
 ALPHA, BETA1, TEMPERATURE = 10.0, 0.01, 1.0
-PROMPTS_PER_STEP = 32  # real presets: one sampler call per 32 prompts, accumulated to an update
+# Real presets: one sampler call per PROMPTS_PER_STEP prompts, accumulated to an update. The
+# training forward keeps [rows, heads, T, T] attention scores, so this bounds memory: planned
+# on a v5e-8 (WORKSPACE.md), llama3.2-1b MATH stage 2 needs 52.7 GiB per chip at 32 prompts,
+# 15.0 at 8 (of 15.75 usable: too tight) and 9.6 at 4.
+PROMPTS_PER_STEP = 4
 CHAT = {"gemma": "gemma", "llama": "llama3.1", "qwen": "chatml"}  # preset prefix -> chat template
 
 
