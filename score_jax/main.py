@@ -167,6 +167,9 @@ def _start_and_run(config, cfg, run) -> None:
         # Refuses another run's workdir before config.json is written over.
         harness.start(cfg, workdir, config.to_dict())
         logging.getLogger("score_jax").info("Job %s in %s on %s.", config.job, workdir, jax.devices())
+        if cfg.cpu_devices and jax.default_backend() != "cpu":
+            logging.getLogger("score_jax").info("cpu_devices=%d splits the CPU backend only; this run uses %s.",
+                                                cfg.cpu_devices, jax.default_backend())
         run(cfg, workdir)
     except harness.NonFiniteError as e:
         logging.getLogger("score_jax").error("Training stopped: %s", e)
